@@ -1,0 +1,33 @@
+"""mm_spectral: spectral and tensor adapters (FLoRA, FourierFT, FoRA, LoRA) for vision
+backbones, with OpenMMLab integration in ``mm_spectral.models`` and ``mm_spectral.hooks``.
+"""
+
+from .adapters import ADAPTERS, FLoRA, FoRA, FourierFT, LoRA
+from .inject import (
+    adapted_layers,
+    adapter_state_dict,
+    inject,
+    load_adapter_state_dict,
+    merge,
+    remove_adapters,
+    trainable_report,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTERS",
+    "FLoRA",
+    "FoRA",
+    "FourierFT",
+    "LoRA",
+    "adapter_state_dict",
+    "adapted_layers",
+    "inject",
+    "load_adapter_state_dict",
+    "merge",
+    "remove_adapters",
+    "trainable_report",
+    "unmerge",
+]

@@ -1,0 +1,193 @@
+"""The adapter contract: an adapted layer keeps its own parameters, gains an ``adapter``
+child, and can fold the adapter's ΔW into its weight (merge) and take it out (unmerge).
+
+Pure PyTorch: nothing here imports OpenMMLab.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import delta_linear, low_rank_linear
+
+ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What an adapter needs to know about the layer it adapts (no reference to it)."""
+
+    name: str
+    kind: str  # 'linear' or 'conv2d'
+    weight_shape: tuple[int, ...]
+    groups: int = 1
+
+    @classmethod
+    def of(cls, name: str, layer: nn.Module) -> LayerSpec:
+        if isinstance(layer, nn.Linear):
+            return cls(name, "linear", tuple(layer.weight.shape))
+        if isinstance(layer, nn.Conv2d):
+            return cls(name, "conv2d", tuple(layer.weight.shape), layer.groups)
+        raise TypeError(
+            f"layer '{name}' is a {type(layer).__name__}; adapters apply to nn.Linear and nn.Conv2d"
+        )
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """The weight seen as a matrix: (out, in/groups · kh · kw) for a conv."""
+        return self.weight_shape[0], math.prod(self.weight_shape[1:])
+
+    @property
+    def factorable(self) -> bool:
+        """Whether a low-rank ΔW can run as two thin ops instead of one dense one."""
+        return self.groups == 1
+
+    @property
+    def type_label(self) -> str:
+        """A short human-readable description used in reports (e.g. 'Conv2d 7x7 depthwise')."""
+        if self.kind == "linear":
+            return "Linear"
+        out, in_per_group, kh, kw = self.weight_shape
+        label = f"Conv2d {kh}x{kw}"
+        if self.groups > 1:
+            label += " depthwise" if in_per_group == 1 else " grouped"
+        return label
+
+
+def check_positive(spec: LayerSpec, method: str, **values: int | float) -> None:
+    """Raise a ValueError naming the layer when a hyper-parameter is not positive."""
+    for key, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{method} on layer '{spec.name}': {key} must be > 0, got {value!r}")
+
+
+def layer_op(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Run the layer's own operation (linear or conv with its stride/padding/…) with ``weight``."""
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class BaseAdapter(nn.Module):
+    """Parameters of one layer's weight change ΔW.
+
+    Subclasses implement :meth:`delta` (ΔW in float32 or the parameters' dtype, any shape
+    that reshapes to the weight). The default forward is the dense path, one op with
+    ``W0 + ΔW``; low-rank methods override it with a factored path.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, spec: LayerSpec, weight_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.spec = spec
+        # Tracked by the adapted layer (see AdaptedLayerMixin._apply) so that ΔW comes back
+        # in the weight's dtype even when the adapter's own parameters are kept in float32.
+        self.weight_dtype = weight_dtype
+
+    def delta(self) -> Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """ΔW with the base weight's shape and dtype, scale included."""
+        return self.delta().reshape(self.spec.weight_shape).to(self.weight_dtype)
+
+    def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
+        """Output of ``layer`` with weight ``W0 + ΔW``: one op, ΔW built once."""
+        delta = self.delta().reshape(self.spec.weight_shape)
+        if self.spec.kind == "linear":
+            return delta_linear(x, layer.weight, layer.bias, delta)
+        return layer_op(layer, x, layer.weight + delta.to(layer.weight.dtype), layer.bias)
+
+    def refresh_buffers(self) -> None:
+        """Recompute derived (non-persistent) buffers after persistent ones changed."""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_buffers()
+
+    def extra_repr(self) -> str:
+        return f"layer={self.spec.name!r}, weight_shape={self.spec.weight_shape}"
+
+
+class LowRankAdapter(BaseAdapter):
+    """An adapter whose ΔW (as a matrix) is ``up @ down`` for thin factors.
+
+    Subclasses implement :meth:`low_rank_factors` → (down (r, fan_in), up (out, r), scale).
+    On linear and ungrouped conv layers the forward runs ``x → down → up`` and never
+    builds ΔW: a linear through one fused autograd function, a conv's ``down`` as a conv
+    with the base layer's stride, padding and dilation and ``up`` as a 1×1 conv.
+    """
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        raise NotImplementedError
+
+    def delta(self) -> Tensor:
+        down, up, scale = self.low_rank_factors()
+        return (up @ down) * scale
+
+    def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
+        if not self.spec.factorable:
+            return super().forward(x, layer)
+        down, up, scale = self.low_rank_factors()
+        if self.spec.kind == "linear":
+            return low_rank_linear(x, layer.weight, layer.bias, down, up, scale)
+        base = layer_op(layer, x, layer.weight, layer.bias)
+        rank = down.shape[0]
+        hidden = layer_op(layer, x, down.reshape(rank, *self.spec.weight_shape[1:]), None)
+        return base + F.conv2d(hidden, (up * scale).reshape(*up.shape, 1, 1))
+
+
+class AdaptedLayerMixin:
+    """Forward, merge and unmerge for a Linear/Conv2d that carries an ``adapter`` child."""
+
+    adapter: BaseAdapter
+    merged: bool
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        if self.merged:
+            return super().forward(x)  # type: ignore[misc]
+        # Straight to forward: nn.Module.__call__'s hook machinery costs more host time
+        # than a small adapter's arithmetic, and adapters carry no hooks.
+        return self.adapter.forward(x, self)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ΔW to the weight (idempotent); refuses a non-finite ΔW."""
+        if self.merged:
+            return
+        delta = self.adapter.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"ΔW of layer '{self.adapter.spec.name}' is not finite; not merged")
+        self.weight.add_(delta)  # type: ignore[attr-defined]
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the current ΔW from the weight again (idempotent)."""
+        if not self.merged:
+            return
+        self.weight.sub_(self.adapter.delta_weight())  # type: ignore[attr-defined]
+        self.merged = False
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        self.adapter.weight_dtype = self.weight.dtype  # type: ignore[attr-defined]
+        return result
+
+
+@functools.cache
+def adapted_class(base_cls: type[nn.Module]) -> type[nn.Module]:
+    """The subclass of ``base_cls`` (e.g. nn.Linear) that runs an adapter; one per class."""
+    return type(f"Adapted{base_cls.__name__}", (AdaptedLayerMixin, base_cls), {})
+
+
+def is_adapted(module: nn.Module) -> bool:
+    return isinstance(module, AdaptedLayerMixin)

@@ -1,0 +1,87 @@
+"""FLoRA (Si et al., "Maintaining Structural Integrity in Parameter Spaces for PEFT").
+
+ΔW = s · G ×₁ U₁ ×₂ U₂ … ×_N U_N: a Tucker core G with one mode per weight mode and one
+factor per mode (2 for a linear weight, 4 for a conv weight (out, in/groups, kh, kw)).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import LayerSpec, LowRankAdapter, check_positive
+
+
+def tucker_product(core: Tensor, factors: Sequence[Tensor | None]) -> Tensor:
+    """core ×₁ factors[0] ×₂ factors[1] …, factor n of shape (I_n, J_n); None keeps mode n."""
+    letters = string.ascii_lowercase
+    modes = len(factors)
+    core_idx = letters[:modes]
+    out_idx = "".join(
+        core_idx[n] if factor is None else letters[modes + n] for n, factor in enumerate(factors)
+    )
+    terms, operands = [core_idx], [core]
+    for n, factor in enumerate(factors):
+        if factor is not None:
+            terms.append(out_idx[n] + core_idx[n])
+            operands.append(factor)
+    return torch.einsum(f"{','.join(terms)}->{out_idx}", *operands)
+
+
+class FLoRA(LowRankAdapter):
+    """N-mode Tucker adapter, ΔW = scale · core ×₁ factors[0] ×₂ … (mode-n products).
+
+    Core sizes: ``rank`` on the channel modes, ``kernel_rank`` on the spatial modes, each
+    clipped to its mode (a depthwise conv's in/groups = 1 gives 1). The core starts at zero
+    and the factors at N(0, 1/(2 J_n)) — the official ``kaiming_normal_(a=√3)`` on (I_n, J_n)
+    — so ΔW starts at zero while gradients reach the core.
+
+    On linear and ungrouped conv layers ΔW is a rank-J₁ product: ``up = U₁`` (times s) and
+    ``down = core ×₂ U₂ ×₃ U₃ ×₄ U₄`` viewed (J₁, fan_in), so training runs the factored
+    path; grouped and depthwise convs build ΔW (small) once per forward.
+
+    Args:
+        spec: the adapted layer.
+        rank: core size on the output and input channel modes.
+        kernel_rank: core size on the two spatial modes of a conv (default 2).
+        scale: s in the formula (the paper uses 4 for ConvNeXt, 0.04 for InternViT-6B).
+    """
+
+    method = "FLoRA"
+
+    def __init__(
+        self,
+        spec: LayerSpec,
+        rank: int = 8,
+        kernel_rank: int = 2,
+        scale: float = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(spec, **kwargs)
+        check_positive(spec, self.method, rank=rank, kernel_rank=kernel_rank)
+        self.rank, self.kernel_rank, self.scale = rank, kernel_rank, scale
+        mode_ranks = [rank, rank] + [kernel_rank] * (len(spec.weight_shape) - 2)
+        core_shape = [min(r, size) for r, size in zip(mode_ranks, spec.weight_shape)]
+        self.core = nn.Parameter(torch.zeros(core_shape))
+        self.factors = nn.ParameterList(
+            nn.Parameter(torch.randn(size, j) * (2 * j) ** -0.5)
+            for size, j in zip(spec.weight_shape, core_shape)
+        )
+
+    def delta(self) -> Tensor:
+        if self.spec.factorable:
+            return super().delta()
+        return tucker_product(self.core, self.factors) * self.scale
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        if len(self.factors) == 2:  # linear: core ×₂ U₂ is a plain product
+            return F.linear(self.core, self.factors[1]), self.factors[0], self.scale
+        down = tucker_product(self.core, [None, *self.factors[1:]])
+        return down.reshape(down.shape[0], -1), self.factors[0], self.scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, core={tuple(self.core.shape)}, scale={self.scale:g}"

@@ -1,0 +1,57 @@
+"""Shared test fixtures: the layer × method matrix every adapter property is tested over."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# (case id, layer factory, input shape). Tiny sizes, odd and even, so FFT symmetry and
+# clipping edge cases are exercised.
+LAYERS = {
+    "linear": (lambda: nn.Linear(24, 18), (3, 5, 24)),
+    "conv3x3": (lambda: nn.Conv2d(6, 10, 3, padding=1), (2, 6, 9, 9)),
+    "conv_strided": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2), (2, 6, 11, 11)),
+    "depthwise7x7": (lambda: nn.Conv2d(8, 8, 7, padding=3, groups=8), (2, 8, 10, 10)),
+    "stem4x4": (lambda: nn.Conv2d(3, 12, 4, stride=4), (2, 3, 16, 16)),
+}
+
+METHODS = {
+    "LoRA": dict(type="LoRA", rank=4, alpha=8),
+    "FLoRA": dict(type="FLoRA", rank=4, kernel_rank=2, scale=2.0),
+    "FourierFT": dict(type="FourierFT", n=40, alpha=30.0, seed=3),
+    "FoRA": dict(type="FoRA", rank=6, n=30, scale=2.0, seed=5),
+}
+
+CASES = [(m, layer) for m in METHODS for layer in LAYERS]
+
+
+def make_case(method: str, layer_name: str, seed: int = 0):
+    """A one-layer model with the method injected and all adapter values made non-zero."""
+    torch.manual_seed(seed)
+    factory, input_shape = LAYERS[layer_name]
+    model = nn.Sequential()
+    model.add_module("layer", factory())
+    import mm_spectral
+
+    mm_spectral.inject(model, dict(METHODS[method], targets=["layer"]))
+    randomize_adapter(model.layer.adapter)
+    return model, torch.randn(input_shape)
+
+
+def randomize_adapter(adapter: nn.Module, std: float = 0.3) -> None:
+    """Non-zero adapter parameters: a zero adapter proves nothing about merging."""
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.normal_(0.0, std)
+
+
+@pytest.fixture(params=CASES, ids=[f"{m}-{layer}" for m, layer in CASES])
+def case(request):
+    method, layer_name = request.param
+    model, x = make_case(method, layer_name)
+    return method, layer_name, model, x
