@@ -1,0 +1,17 @@
+# COCO 1x: 12 epochs, AdamW lr 1e-4, weight decay 0.05, steps at epochs 8 and 11, linear
+# warm-up over the first 500 iterations (FLoRA paper, Table 9). The LR is for batch 32
+# (auto_scale_lr in the dataset config). Norms, biases and adapter factors follow the
+# constructor's paramwise_cfg.
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=12, val_interval=1)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+
+optim_wrapper = dict(
+    type='OptimWrapper',
+    constructor='AdapterOptimWrapperConstructor',
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05))
+
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
+    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
+]
