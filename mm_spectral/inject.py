@@ -80,15 +80,22 @@ def inject(module: nn.Module, cfg: Mapping[str, Any]) -> list[str]:
     trainable = _as_patterns(cfg.get("trainable"))
     # Build every adapter (which validates the hyper-parameters per layer) before attaching any.
     adapters = {name: build_adapter(name, named[name], cfg) for name in targets}
-    extra_trainable = _match_parameters(module, trainable)
+    _match_parameters(module, trainable)  # validate the patterns before changing anything
     for name, adapter in adapters.items():
         layer = named[name]
         layer.__class__ = adapted_class(type(layer))
         layer.add_module(ADAPTER_KEY, adapter.to(layer.weight.device))
         layer.merged = False
-    for name, param in module.named_parameters():
-        param.requires_grad_(_is_adapter_key(name) or name in extra_trainable)
+    freeze(module, trainable)
     return targets
+
+
+def freeze(module: nn.Module, trainable: list[str] | None = None) -> None:
+    """Only adapter parameters and ``trainable`` matches (regexes over parameter names,
+    fully matched) keep requires_grad; everything else of ``module`` is frozen."""
+    keep = _match_parameters(module, _as_patterns(trainable))
+    for name, param in module.named_parameters():
+        param.requires_grad_(_is_adapter_key(name) or name in keep)
 
 
 def _match_parameters(module: nn.Module, patterns: list[str]) -> set[str]:

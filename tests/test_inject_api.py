@@ -71,6 +71,22 @@ def test_merge_whole_model_and_remove_adapters():
     torch.testing.assert_close(plain(x), adapted_out, rtol=1e-4, atol=1e-5)
 
 
+def test_pickle_round_trip_of_an_adapted_model():
+    import io
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    mm_spectral.inject(model, dict(type="FoRA", targets=["fc1", "stem"], rank=2, n=10))
+    nn.init.normal_(model.fc1.adapter.b_coefficients)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    x = torch.randn(1, 3, 8, 8)
+    assert type(restored.fc1).__name__ == "AdaptedLinear"
+    torch.testing.assert_close(restored(x), model(x))
+
+
 def test_deepcopy_of_an_adapted_model():
     model = TinyNet()
     mm_spectral.inject(model, dict(type="FourierFT", targets=["fc1"], n=10))

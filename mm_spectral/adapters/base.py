@@ -177,6 +177,11 @@ class AdaptedLayerMixin:
         self.weight.sub_(self.adapter.delta_weight())  # type: ignore[attr-defined]
         self.merged = False
 
+    def __reduce_ex__(self, protocol: int):
+        # Adapted<X> classes are made at run time, so pickle cannot find them by name:
+        # rebuild from the plain class X instead (torch.save(model), deepcopy, spawn).
+        return (_new_adapted, (type(self).__mro__[2],), self.__dict__)
+
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
         self.adapter.weight_dtype = self.weight.dtype  # type: ignore[attr-defined]
@@ -187,6 +192,11 @@ class AdaptedLayerMixin:
 def adapted_class(base_cls: type[nn.Module]) -> type[nn.Module]:
     """The subclass of ``base_cls`` (e.g. nn.Linear) that runs an adapter; one per class."""
     return type(f"Adapted{base_cls.__name__}", (AdaptedLayerMixin, base_cls), {})
+
+
+def _new_adapted(base_cls: type[nn.Module]) -> nn.Module:
+    cls = adapted_class(base_cls)
+    return cls.__new__(cls)
 
 
 def is_adapted(module: nn.Module) -> bool:

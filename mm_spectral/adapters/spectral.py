@@ -18,7 +18,7 @@ def _sample_entries_cached(
     generator = torch.Generator().manual_seed(seed)
     if fc is None:
         # The same draw as peft's FourierFT: a seeded permutation of the flat entries.
-        flat = torch.randperm(rows * cols, generator=generator)[:n]
+        flat = torch.randperm(rows * cols, generator=generator, device="cpu")[:n]
     else:
         candidates = band_entries(rows, cols, fc, bandwidth)
         if candidates.numel() < n:
@@ -26,7 +26,7 @@ def _sample_entries_cached(
                 f"the frequency band fc={fc}, bandwidth={bandwidth} of a {rows}x{cols} spectrum "
                 f"holds {candidates.numel()} entries, fewer than n={n}"
             )
-        flat = candidates[torch.randperm(candidates.numel(), generator=generator)[:n]]
+        flat = candidates[torch.randperm(candidates.numel(), generator=generator, device="cpu")[:n]]
     return torch.stack([flat // cols, flat % cols])
 
 
@@ -52,8 +52,8 @@ def sample_entries(
 
 def band_entries(rows: int, cols: int, fc: float, bandwidth: float) -> Tensor:
     """Flat indices of the entries whose frequency radius lies within fc ± bandwidth/2."""
-    u = torch.fft.fftfreq(rows, d=1.0 / rows).abs()  # signed frequency, in entries
-    v = torch.fft.fftfreq(cols, d=1.0 / cols).abs()
+    u = torch.fft.fftfreq(rows, d=1.0 / rows, device="cpu").abs()  # signed frequency
+    v = torch.fft.fftfreq(cols, d=1.0 / cols, device="cpu").abs()
     radius = torch.sqrt(u[:, None] ** 2 + v[None, :] ** 2)
     inside = (radius - fc).abs() <= bandwidth / 2
     return inside.flatten().nonzero().flatten()

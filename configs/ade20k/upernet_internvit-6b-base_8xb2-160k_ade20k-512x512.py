@@ -1,0 +1,21 @@
+# InternViT-6B: ADE20K semantic segmentation, UperNet 512x512, 160k iterations, AdamW lr 1e-4,
+# wd 0.05, batch 16 = 8 GPUs x 2 (FLoRA paper, Table 9).
+# Frozen-backbone baseline ("Base"): no adapter; only the new output norms, the neck
+# and the heads train.
+_base_ = [
+    '../_base_/models/upernet_internvit-6b.py',
+    '../_base_/datasets/ade20k_512.py',
+    '../_base_/schedules/ade20k_160k_adamw.py',
+    '../_base_/default_runtime_seg.py',
+    '../_base_/adapters/targets.py',
+]
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='AdaptedBackbone',
+        backbone={{_base_.internvit_6b}},
+        adapter=None,
+        trainable={{_base_.vit_trainable}}))
+
+custom_hooks = [dict(type='AdapterHook')]

@@ -1,0 +1,13 @@
+"""OpenMMLab hooks: trainable-parameter checks and reports, adapter checkpoints, ΔW stats."""
+
+from .adapter_hook import AdapterHook, TrainableReportHook, adapter_checkpoint_path
+from .delta_stats_hook import DeltaStatsHook, amplification, delta_stats
+
+__all__ = [
+    "AdapterHook",
+    "DeltaStatsHook",
+    "TrainableReportHook",
+    "adapter_checkpoint_path",
+    "amplification",
+    "delta_stats",
+]

@@ -1,0 +1,595 @@
+"""The OpenMMLab layer on toy models: AdaptedBackbone, hooks, optimizer constructor, the
+torch.load fix, checkpoints, merging, and the train / test / merge / count / plot tools.
+
+A real MMEngine Runner trains a toy classifier through tools/train.py once (module
+fixture); the tests then check what that run left behind and resume from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import math
+import os
+import os.path as osp
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("mmengine")
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.evaluator import BaseMetric  # noqa: E402
+from mmengine.logging import HistoryBuffer, MMLogger  # noqa: E402
+from mmengine.model import BaseModel, BaseModule  # noqa: E402
+from mmengine.registry import DATASETS, METRICS, MODELS, DefaultScope  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+import mm_spectral  # noqa: E402
+from mm_spectral.checkpoint import (  # noqa: E402
+    adapter_checkpoint,
+    load_adapter_checkpoint,
+    load_checkpoint_file,
+    merge_checkpoint,
+    merged_state_dict,
+    plain_config,
+)
+from mm_spectral.hooks import AdapterHook, amplification, delta_stats  # noqa: E402
+from mm_spectral.hooks.delta_stats_hook import top_singular_vectors  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = [r"stem", r"blocks\.[01]", r"fc"]
+ADAPTED = ["stem", "blocks.0", "blocks.1", "fc"]
+LORA = dict(type="LoRA", rank=2, alpha=4, targets=TARGETS)
+
+
+# ---------------------------------------------------------------- toy registered modules
+@MODELS.register_module(name="GlueToyBackbone", force=True)
+class GlueToyBackbone(BaseModule):
+    """Conv stem, BN (buffers), depthwise + pointwise convs, a Linear: (B,3,8,8) → (B,16)."""
+
+    def __init__(self, init_cfg=None, greedy: bool = False) -> None:
+        super().__init__(init_cfg)
+        self.greedy = greedy
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.blocks = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 16, 1))
+        self.fc = nn.Linear(16, 16)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if self.greedy:  # a backbone whose init re-enables grads and re-draws everything
+            with torch.no_grad():
+                for param in self.parameters():
+                    param.requires_grad_(True)
+                    param.normal_()
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.norm(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@MODELS.register_module(name="GlueToyClassifier", force=True)
+class GlueToyClassifier(BaseModel):
+    def __init__(self, backbone: dict, num_classes: int = 3) -> None:
+        super().__init__()
+        self.backbone = MODELS.build(backbone)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, inputs, labels=None, mode="tensor"):
+        logits = self.head(torch.relu(self.backbone(inputs)))
+        if mode == "loss":
+            return {"loss": F.cross_entropy(logits, labels)}
+        if mode == "predict":
+            return [dict(pred=p, label=t) for p, t in zip(logits.argmax(1), labels)]
+        return logits
+
+
+@DATASETS.register_module(name="GlueToyDataset", force=True)
+class GlueToyDataset(Dataset):
+    metainfo = dict(classes=("a", "b", "c"))
+
+    def __init__(self, n: int = 16) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(n) % 3
+        self.inputs = torch.randn(n, 3, 8, 8, generator=gen) + self.labels.view(-1, 1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(inputs=self.inputs[i], labels=self.labels[i])
+
+
+@METRICS.register_module(name="GlueToyAccuracy", force=True)
+class GlueToyAccuracy(BaseMetric):
+    def process(self, data_batch, data_samples) -> None:
+        self.results += [float(s["pred"] == s["label"]) for s in data_samples]
+
+    def compute_metrics(self, results) -> dict:
+        return dict(acc=sum(results) / len(results))
+
+
+def backbone_cfg(**kwargs) -> dict:
+    return dict(type="AdaptedBackbone", backbone=dict(type="GlueToyBackbone", **kwargs))
+
+
+def load_tool(name: str):
+    path = ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_tool_{osp.basename(name)}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Capture(logging.Handler):
+    """Collects the messages of MMEngine's current logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> Capture:
+        MMLogger.get_current_instance().addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        MMLogger.get_current_instance().removeHandler(self)
+
+
+def randomize_adapters(model: nn.Module) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapter." in f".{name}":
+                param.normal_(0, 0.3)
+
+
+# ---------------------------------------------------------------- AdaptedBackbone
+def test_adapted_backbone_is_the_inner_backbone_with_adapter_keys():
+    torch.manual_seed(0)
+    plain = MODELS.build(dict(type="GlueToyBackbone"))
+    adapted = MODELS.build(dict(backbone_cfg(), adapter=LORA, trainable=[r"norm\..*"]))
+    assert type(adapted) is GlueToyBackbone
+    plain_keys, keys = set(plain.state_dict()), set(adapted.state_dict())
+    extra = keys - plain_keys
+    assert plain_keys <= keys and extra and all(".adapter." in k for k in extra)
+    assert {k.split(".adapter.")[0] for k in extra} == set(ADAPTED)
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable == {k for k in extra if "lora" in k} | {"norm.weight", "norm.bias"}
+    record = adapted.mm_spectral_cfg
+    assert record["adapted"] == ADAPTED
+    assert record["adapter"]["type"] == "LoRA" and record["trainable"] == [r"norm\..*"]
+    assert adapted.load_state_dict(plain.state_dict(), strict=False).unexpected_keys == []
+
+
+def test_frozen_baseline_has_no_adapters_and_only_trainable_matches_train():
+    model = MODELS.build(dict(backbone_cfg(), trainable=[r"fc\.bias"]))
+    assert not any(".adapter." in k for k in model.state_dict())
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.bias"]
+    assert model.mm_spectral_cfg["adapter"] is None
+
+
+def test_frozen_dtype_stores_frozen_weights_low_and_runs_under_autocast():
+    model = MODELS.build(dict(backbone_cfg(), adapter=LORA, frozen_dtype="bfloat16"))
+    assert model.stem.weight.dtype == torch.bfloat16 and model.norm.weight.dtype == torch.bfloat16
+    assert (
+        model.stem.adapter.lora_A.dtype == torch.float32 and model.stem.adapter.lora_A.requires_grad
+    )
+    model.fc(torch.randn(2, 16, dtype=torch.bfloat16)).float().sum().backward()
+    assert model.fc.adapter.lora_B.grad is not None and model.fc.weight.grad is None
+
+
+def test_init_weights_keeps_grads_adapters_and_summarises_missing_keys(tmp_path):
+    torch.manual_seed(1)
+    pretrained = MODELS.build(dict(type="GlueToyBackbone")).state_dict()
+    path = str(tmp_path / "pretrained.pth")
+    torch.save(pretrained, path)
+    init_cfg = dict(type="Pretrained", checkpoint=path)
+    for greedy in (False, True):
+        model = MODELS.build(dict(backbone_cfg(init_cfg=init_cfg), adapter=LORA))
+        randomize_adapters(model)
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        adapters = {k: v.clone() for k, v in mm_spectral.adapter_state_dict(model).items()}
+        with Capture() as logs:
+            model.init_weights()
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        for key, value in mm_spectral.adapter_state_dict(model).items():
+            torch.testing.assert_close(value, adapters[key], rtol=0, atol=0)
+        if greedy:
+            twin = copy.deepcopy(model)  # EMA's copy: its guard must act on the copy
+            assert twin.init_weights.module is twin
+            twin.init_weights()
+            assert not twin.stem.weight.requires_grad and model.stem.adapter is not None
+        else:
+            torch.testing.assert_close(model.fc.weight, pretrained["fc.weight"])
+            summary = [m for m in logs.messages if "adapter tensors" in m]
+            assert len(summary) == 1 and "\n" not in summary[0]
+            assert f"{len(adapters)} adapter tensors" in summary[0]
+            assert not any("missing keys" in m for m in logs.messages)
+
+
+def test_child_registry_finds_adapted_backbone_without_default_scope():
+    """A toolbox's child registry falls back to the root one for AdaptedBackbone."""
+    from mmengine.registry import Registry
+
+    child = Registry("model", parent=MODELS, scope=f"glue{uuid.uuid4().hex[:6]}")
+    child.register_module(name="GlueChildOnlyBackbone", module=GlueToyBackbone)
+    model = child.build(
+        dict(
+            type="AdaptedBackbone",
+            backbone=dict(type="GlueChildOnlyBackbone"),
+            adapter=LORA,
+        )
+    )
+    assert type(model) is GlueToyBackbone and model.stem.adapter is not None
+
+
+def test_mmdet_resnet_through_mmdet_registry():
+    mmdet_registry = pytest.importorskip("mmdet.registry")
+    pytest.importorskip("mmdet.models")
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    cfg = dict(
+        type="AdaptedBackbone",
+        backbone=dict(type="ResNet", depth=18, out_indices=(3,), norm_eval=False),
+        adapter=dict(type="FLoRA", rank=2, targets=[r"layer4\.1\.conv[12]"]),
+    )
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        model = mmdet_registry.MODELS.build(cfg)
+    assert type(model).__name__ == "ResNet"
+    assert model.mm_spectral_cfg["adapted"] == ["layer4.1.conv1", "layer4.1.conv2"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter." in n for n in trainable)
+    model.eval()  # mmdet's ResNet.train() returns None
+    out = model(torch.randn(1, 3, 64, 64))
+    assert out[0].shape == (1, 512, 2, 2)
+
+
+# ---------------------------------------------------------------- AdapterHook's guard
+def toy_model(adapter=LORA, trainable=None) -> GlueToyClassifier:
+    torch.manual_seed(0)
+    return GlueToyClassifier(dict(backbone_cfg(), adapter=adapter, trainable=trainable))
+
+
+def fake_runner(model) -> SimpleNamespace:
+    hub = SimpleNamespace(runtime_info={})
+    return SimpleNamespace(model=model, logger=MMLogger.get_current_instance(), message_hub=hub)
+
+
+def test_adapter_hook_passes_a_good_model_and_logs_the_table():
+    hook = AdapterHook()
+    with Capture() as logs:
+        hook.before_train(fake_runner(toy_model(trainable=[r"norm\..*"])))
+    assert any("total trainable" in m for m in logs.messages)
+
+
+def test_adapter_hook_rejects_an_extra_trainable_backbone_parameter():
+    model = toy_model()
+    model.backbone.stem.weight.requires_grad_(True)
+    model.backbone.fc.bias.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"(?s)2 backbone parameters.*backbone\.stem\.weight"):
+        AdapterHook().before_train(fake_runner(model))
+    AdapterHook(allowed=[r"backbone\.stem\.weight", r"backbone\.fc\.bias"]).before_train(
+        fake_runner(model)
+    )
+    with pytest.raises(RuntimeError, match="no backbone built by AdaptedBackbone"):
+        AdapterHook().before_train(fake_runner(nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------- optimizer constructor
+def test_optimizer_constructor_sees_only_trainable_and_logs_one_line():
+    from mmengine.optim import build_optim_wrapper
+
+    model = toy_model(trainable=[r"norm\..*"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = sum(1 for p in model.parameters() if not p.requires_grad)
+    for paramwise_cfg in (None, dict(norm_decay_mult=0.0, custom_keys={"head": dict(lr_mult=2)})):
+        cfg = dict(
+            constructor="AdapterOptimWrapperConstructor",
+            optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.05),
+        )
+        if paramwise_cfg:
+            cfg["paramwise_cfg"] = paramwise_cfg
+        with Capture() as logs:
+            wrapper = build_optim_wrapper(model, cfg)
+        groups = wrapper.optimizer.param_groups
+        params = [p for g in groups for p in g["params"]]
+        assert len(params) == len(trainable) and {id(p) for p in params} == {
+            id(p) for p in trainable
+        }
+        lines = [m for m in logs.messages if m.startswith("optimizer:")]
+        assert len(lines) == 1 and f"{frozen} frozen skipped" in lines[0]
+        assert not any(
+            "requires_grad=False" in m or "paramwise_options" in m for m in logs.messages
+        )
+        if paramwise_cfg:
+            by_param = {id(p): g for g in groups for p in g["params"]}
+            assert by_param[id(model.backbone.norm.weight)]["weight_decay"] == 0.0
+            assert by_param[id(model.head.weight)]["lr"] == pytest.approx(2e-3)
+
+
+# ---------------------------------------------------------------- ΔW statistics
+def test_amplification_matches_exact_svd_reference():
+    gen = torch.Generator().manual_seed(0)
+    for (m, n), rank in (((12, 9), 3), ((96, 80), 4)):
+        weight = torch.randn(m, n, generator=gen)
+        delta = torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen)
+        u, s, vh = torch.linalg.svd(delta.double())
+        reference = delta.double().norm() / (u[:, :rank].T @ weight.double() @ vh[:rank].T).norm()
+        assert amplification(delta, weight, rank) == pytest.approx(reference.item(), rel=1e-4)
+        uu, vv = top_singular_vectors(delta, rank)
+        torch.testing.assert_close(
+            uu @ uu.T, (u[:, :rank] @ u[:, :rank].T).float(), atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(vv @ vv.T, (vh[:rank].T @ vh[:rank]).float(), atol=1e-4, rtol=0)
+
+
+def test_delta_stats_zero_then_positive_and_leave_rng_alone():
+    model = toy_model()
+    stats = delta_stats(model)
+    assert stats["delta_norm"] == 0 and "delta_amplification" not in stats
+    randomize_adapters(model)
+    state = torch.get_rng_state()
+    stats = delta_stats(model)
+    assert torch.equal(state, torch.get_rng_state())
+    assert stats["delta_norm"] > 0 and math.isfinite(stats["delta_amplification"])
+    assert stats["delta_amplification"] > 0
+
+
+# ---------------------------------------------------------------- torch.load fix
+def test_mmengine_loads_runner_style_checkpoints_on_new_torch(tmp_path):
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    from mm_spectral.compat import patch_mmengine_torch_load
+
+    assert patch_mmengine_torch_load() == patch_mmengine_torch_load()  # idempotent
+    buffer = HistoryBuffer()
+    buffer.update(1.5)
+    path = str(tmp_path / "ckpt.pth")
+    torch.save(
+        dict(state_dict={"w": torch.ones(2)}, message_hub=dict(log_scalars={"x": buffer})), path
+    )
+    ckpt = _load_checkpoint(path, map_location="cpu")
+    assert ckpt["message_hub"]["log_scalars"]["x"].current() == 1.5
+
+
+# ---------------------------------------------------------------- a real Runner
+CONFIG = """
+model = dict(
+    type='GlueToyClassifier',
+    backbone=dict(
+        type='AdaptedBackbone',
+        backbone=dict(type='GlueToyBackbone',
+                      init_cfg=dict(type='Pretrained', checkpoint={pretrained!r})),
+        adapter=dict(type='LoRA', rank=2, alpha=4, targets={targets!r})))
+_data = dict(batch_size=4, num_workers=0, dataset=dict(type='GlueToyDataset', n=16),
+             sampler=dict(type='DefaultSampler', shuffle=False),
+             collate_fn=dict(type='default_collate'))
+train_dataloader = _data
+test_dataloader = _data
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=6)
+test_cfg = dict(type='TestLoop')
+test_evaluator = dict(type='GlueToyAccuracy')
+optim_wrapper = dict(constructor='AdapterOptimWrapperConstructor',
+                     optimizer=dict(type='SGD', lr=0.2))
+default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False),
+                     logger=dict(type='LoggerHook', interval=1))
+log_processor = dict(by_epoch=False)
+custom_hooks = [dict(type='AdapterHook', merge_at_end=True),
+                dict(type='DeltaStatsHook', interval=2)]
+env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
+randomness = dict(seed=0)
+"""
+
+
+def unique_name() -> str:
+    return f"experiment_name=glue_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """tools/train.py on the toy config: 6 iterations, checkpoints at 3 and 6."""
+    root = tmp_path_factory.mktemp("glue")
+    torch.manual_seed(1)
+    torch.save(GlueToyBackbone().state_dict(), root / "pretrained.pth")
+    config = root / "toy_lora.py"
+    config.write_text(CONFIG.format(pretrained=str(root / "pretrained.pth"), targets=TARGETS))
+    work = root / "work"
+    argv = [str(config), "--work-dir", str(work), "--cfg-options", unique_name()]
+    runner = load_tool("train").main(argv)
+    return SimpleNamespace(root=root, config=str(config), work=work, runner=runner)
+
+
+def test_runner_writes_full_and_adapter_checkpoints(trained):
+    work = trained.work
+    for step in (3, 6):
+        assert (work / f"iter_{step}.pth").is_file()
+        assert (work / f"iter_{step}_adapter.pth").is_file()
+    ckpt = load_checkpoint_file(str(work / "iter_6_adapter.pth"))
+    state = ckpt["state_dict"]
+    assert "backbone.stem.weight" not in state and "backbone.fc.weight" not in state
+    assert {"head.weight", "backbone.norm.running_mean"} <= set(state)
+    assert ckpt["adapter_state_dict"] and set(ckpt["adapter_state_dict"]) <= set(state)
+    assert ckpt["meta"]["adapter_only"] and ckpt["meta"]["iter"] == 6
+    assert ckpt["meta"]["mm_spectral"]["backbone"]["adapted"] == ADAPTED
+    full = load_checkpoint_file(str(work / "iter_6.pth"))["state_dict"]
+    for key, value in state.items():
+        torch.testing.assert_close(value, full[key], rtol=0, atol=0)
+    (log,) = work.glob("*/*.log")
+    text = log.read_text()
+    assert f"{2 * len(ADAPTED)} adapter tensors are not in the checkpoint" in text
+    assert "missing keys" not in text
+
+
+def test_delta_stats_reach_message_hub_and_scalars_json(trained, tmp_path):
+    hub = trained.runner.message_hub
+    for key in ("train/delta_norm", "train/delta_amplification"):
+        value = hub.get_scalar(key).current()
+        assert math.isfinite(value) and value > 0
+    plot = load_tool("analysis/plot_delta_stats")
+    series = plot.read_scalars(plot.find_scalars(str(trained.work)))
+    assert [step for step, _ in series["delta_norm"]][:2] == [2, 3]
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "delta.png")
+    plot.main([str(trained.work), "--out", out])
+    assert Path(out).stat().st_size > 1000
+
+
+def test_resume_from_runner_checkpoint_reproduces_the_run(trained, tmp_path):
+    argv = [
+        trained.config,
+        "--work-dir",
+        str(tmp_path),
+        "--resume",
+        str(trained.work / "iter_3.pth"),
+    ]
+    runner = load_tool("train").main([*argv, "--cfg-options", unique_name()])
+    assert runner.iter == 6
+    resumed = mm_spectral.adapter_state_dict(runner.model)
+    original = load_checkpoint_file(str(trained.work / "iter_6.pth"))["state_dict"]
+    for key, value in resumed.items():
+        torch.testing.assert_close(value, original[key])
+    assert not (tmp_path / "iter_3_adapter.pth").exists()  # not re-written after the resume
+
+
+def build_plain_and_adapted(trained, plain_cfg):
+    plain = MODELS.build(plain_cfg.model).eval()
+    adapted = MODELS.build(Config.fromfile(trained.config).model).eval()
+    adapted.load_state_dict(load_checkpoint_file(str(trained.work / "iter_6.pth"))["state_dict"])
+    return plain, adapted
+
+
+@pytest.mark.parametrize("which", ["iter_6.pth", "iter_6_adapter.pth"])
+def test_merge_checkpoint_loads_strictly_into_plain_model(trained, which):
+    cfg = Config.fromfile(trained.config)
+    state, plain_cfg = merge_checkpoint(cfg, str(trained.work / which))
+    assert plain_cfg.model.backbone.type == "GlueToyBackbone"
+    assert list(plain_cfg.custom_hooks) == []
+    plain, adapted = build_plain_and_adapted(trained, plain_cfg)
+    plain.load_state_dict(state, strict=True)
+    x = torch.randn(4, 3, 8, 8)
+    assert mm_spectral.adapter_state_dict(adapted)  # ΔW ≠ 0 after training
+    assert delta_stats(adapted)["delta_norm"] > 0
+    torch.testing.assert_close(plain(x), adapted(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hook_merged_checkpoint_equals_merge_checkpoint(trained):
+    merged = load_checkpoint_file(str(trained.work / "merged.pth"))["state_dict"]
+    state, _ = merge_checkpoint(Config.fromfile(trained.config), str(trained.work / "iter_6.pth"))
+    assert set(merged) == set(state)
+    for key in state:
+        torch.testing.assert_close(merged[key], state[key], rtol=1e-6, atol=1e-6)
+    assert (trained.work / "merged_config.py").is_file()
+
+
+def test_adapter_checkpoint_round_trip_and_merged_state_dict():
+    model = toy_model(trainable=[r"norm\..*"])
+    randomize_adapters(model)
+    ckpt = adapter_checkpoint(model, dict(note="x"))
+    other = toy_model(trainable=[r"norm\..*"])
+    meta = load_adapter_checkpoint(other, ckpt)
+    assert meta["note"] == "x"
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(other.eval()(x), model.eval()(x))
+    state = merged_state_dict(model)
+    assert not any(".adapter." in k for k in state)
+    mm_spectral.remove_adapters(model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value)
+    bad = dict(ckpt, state_dict=dict(ckpt["state_dict"], nonsense=torch.zeros(1)))
+    with pytest.raises(ValueError, match="nonsense"):
+        load_adapter_checkpoint(other, bad)
+
+
+def test_plain_config_strips_nested_adapted_backbones():
+    cfg = Config(
+        dict(
+            model=dict(
+                type="EncoderDecoder",
+                backbone=dict(backbone_cfg(), adapter=LORA),
+                extra=[dict(type="Wrapper", inner=backbone_cfg())],
+            ),
+            custom_hooks=[dict(type="AdapterHook"), dict(type="EMAHook")],
+        )
+    )
+    plain = plain_config(cfg)
+    assert plain.model.backbone == dict(type="GlueToyBackbone")
+    assert plain.model.extra[0].inner == dict(type="GlueToyBackbone")
+    assert [h.type for h in plain.custom_hooks] == ["EMAHook"]
+    assert cfg.model.backbone.type == "AdaptedBackbone"  # the original is untouched
+
+
+# ---------------------------------------------------------------- the other tools
+def test_merge_tool_output_runs_in_the_plain_config(trained, tmp_path, capsys):
+    ckpt_path, cfg_path = load_tool("merge_adapters").main(
+        [trained.config, str(trained.work / "iter_6_adapter.pth"), "--out-dir", str(tmp_path)]
+    )
+    assert osp.basename(cfg_path) == "toy_lora_merged.py"
+    assert "tools/test.py" in capsys.readouterr().out
+    plain_cfg = Config.fromfile(cfg_path)
+    plain, adapted = build_plain_and_adapted(trained, plain_cfg)
+    saved = torch.load(ckpt_path, weights_only=False)
+    assert saved["meta"]["iter"] == 6
+    plain.load_state_dict(saved["state_dict"], strict=True)
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(plain(x), adapted(x), rtol=1e-5, atol=1e-5)
+
+
+def test_test_tool_full_and_adapter_only_checkpoints_agree(trained, tmp_path):
+    test = load_tool("test")
+    metrics = []
+    for name in ("iter_6.pth", "iter_6_adapter.pth"):
+        argv = [trained.config, str(trained.work / name), "--work-dir", str(tmp_path / name)]
+        metrics.append(test.main([*argv, "--cfg-options", unique_name()]))
+    assert metrics[0] == metrics[1] and 0 <= metrics[0]["acc"] <= 1
+
+
+def test_count_params_tool(trained, capsys):
+    rows = load_tool("count_params").main([trained.config, "--markdown"])
+    model = toy_model()
+    assert rows[0]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert rows[0]["total"] == sum(p.numel() for p in model.parameters())
+    out = capsys.readouterr().out
+    assert "total trainable" in out and "| `toy_lora.py` |" in out
+
+
+def test_train_and_test_command_lines(trained, monkeypatch):
+    train, test = load_tool("train"), load_tool("test")
+    for flag in ("--local_rank", "--local-rank"):
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        args = train.parse_args([trained.config, flag, "3", "--amp", "--resume"])
+        assert args.local_rank == 3
+        assert os.environ["LOCAL_RANK"] == "3"
+    cfg = train.build_cfg(args)
+    assert cfg.optim_wrapper.type == "AmpOptimWrapper" and cfg.optim_wrapper.loss_scale == "dynamic"
+    assert cfg.resume is True and cfg.load_from is None
+    assert cfg.work_dir.endswith("toy_lora")
+    cfg = train.build_cfg(
+        train.parse_args([trained.config, "--resume", "x.pth", "--work-dir", "w"])
+    )
+    assert (cfg.resume, cfg.load_from, cfg.work_dir) == (True, "x.pth", "w")
+    args = test.parse_args([trained.config, "--checkpoint", "c.pth", "--out", "r.pkl"])
+    cfg = test.build_cfg(args)
+    assert (cfg.load_from, cfg.resume) == ("c.pth", False)
+    assert [e["type"] for e in cfg.test_evaluator] == ["GlueToyAccuracy", "DumpResults"]
+
+
+def test_adapter_files_follow_max_keep_ckpts(tmp_path):
+    hook = AdapterHook()
+    for step in (1, 2):
+        (tmp_path / f"iter_{step}.pth").write_bytes(b"x")
+        (tmp_path / f"iter_{step}_adapter.pth").write_bytes(b"x")
+        hook._written.append(str(tmp_path / f"iter_{step}_adapter.pth"))
+    (tmp_path / "iter_1.pth").unlink()  # CheckpointHook's max_keep_ckpts at work
+    hook._drop_orphans()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_2.pth", "iter_2_adapter.pth"]

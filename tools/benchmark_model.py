@@ -1,0 +1,217 @@
+"""Whole-model training-step benchmark from the project's configs (GPU).
+
+``--preset maskrcnn``: Mask R-CNN ConvNeXt-V2-L, every variant (Base = the floor, full FT,
+each adapter), 2 x 1024², boxes and masks. ``--preset internvit6b``: InternViT-6B + FLoRA
+r16 UperNet at 512², frozen backbone weights in bf16, activation checkpointing: images/s
+and peak memory. Each model is built through its toolbox's registry and fed a fixed
+synthetic batch; forward + losses + backward + AdamW under bf16 autocast, median of
+CUDA-synchronised steps after warm-up.
+
+    python tools/benchmark_model.py --preset maskrcnn
+    python tools/benchmark_model.py --preset internvit6b --batch 4
+    python tools/benchmark_model.py --preset maskrcnn --device cpu --tiny   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from mmengine.config import Config
+
+import mm_spectral  # noqa: F401  (registers the project's classes)
+
+VARIANTS = {
+    "floor (Base, frozen)": "configs/coco/mask-rcnn_convnextv2-l-base_fpn_8xb4-1x_coco.py",
+    "full FT": "configs/coco/mask-rcnn_convnextv2-l-full_fpn_8xb4-1x_coco.py",
+    "LoRA r16": "configs/coco/mask-rcnn_convnextv2-l-lora-r16_fpn_8xb4-1x_coco.py",
+    "FLoRA r16": "configs/coco/mask-rcnn_convnextv2-l-flora-r16_fpn_8xb4-1x_coco.py",
+    "FourierFT n3000": "configs/coco/mask-rcnn_convnextv2-l-fourierft-n3000_fpn_8xb4-1x_coco.py",
+    "FoRA r64 n8000": "configs/coco/mask-rcnn_convnextv2-l-fora-r64-n8000_fpn_8xb4-1x_coco.py",
+}
+
+
+INTERNVIT_6B = {
+    "InternViT-6B FLoRA r16 (bf16 frozen, with_cp)": "configs/ade20k/upernet_internvit-6b-flora-r16_8xb2-160k_ade20k-512x512.py",
+}
+
+
+def synthetic_seg_batch(batch: int, size: int, num_classes: int, seed: int = 0):
+    """A packed segmentation batch: images and dense labels."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    gen = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for _ in range(batch):
+        inputs.append(torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8))
+        sample = SegDataSample(
+            metainfo=dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size))
+        )
+        labels = torch.randint(0, num_classes, (1, size, size), generator=gen)
+        sample.gt_sem_seg = PixelData(data=labels)
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def synthetic_batch(batch: int, size: int, num_classes: int, device: str, seed: int = 0):
+    """A packed batch as the data loader would give it: images plus boxes, labels, masks."""
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+
+    gen = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for _ in range(batch):
+        inputs.append(torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8))
+        n = 8
+        xy = torch.rand(n, 2, generator=gen) * size * 0.7
+        wh = torch.rand(n, 2, generator=gen) * size * 0.25 + 16
+        boxes = torch.cat([xy, xy + wh], 1).clamp(max=size - 1)
+        masks = torch.zeros(n, size, size, dtype=torch.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+            masks[i, y0:y1, x0:x1] = 1
+        sample = DetDataSample(
+            metainfo=dict(
+                img_shape=(size, size),
+                ori_shape=(size, size),
+                pad_shape=(size, size),
+                scale_factor=(1.0, 1.0),
+            )
+        )
+        sample.gt_instances = InstanceData(
+            bboxes=boxes,
+            labels=torch.randint(0, num_classes, (n,), generator=gen),
+            masks=BitmapMasks(masks.numpy(), size, size),
+        )
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def time_config(path: str, args) -> tuple[float, float, int]:
+    from mm_spectral.checkpoint import build_model
+
+    cfg = Config.fromfile(path)
+    inner = cfg.model.backbone.get("backbone", cfg.model.backbone)
+    inner.pop("init_cfg", None)  # timing only: no pretrained weights needed
+    segmentation = cfg.default_scope == "mmseg"
+    if segmentation:
+        cfg.model.backbone.frozen_dtype = "bfloat16"
+        cfg.model.data_preprocessor.size = (args.size, args.size)
+    if args.tiny:  # small backbones for a CPU smoke run of the same code
+        if inner.type == "InternViT6B":
+            inner.update(embed_dim=48, depth=4, num_heads=3, out_indices=(0, 1, 2, 3))
+            cfg.model.decode_head.in_channels = [48] * 4
+            cfg.model.auxiliary_head.in_channels = 48
+        else:
+            inner.arch = "atto"
+            cfg.model.neck.in_channels = [40, 80, 160, 320]
+        adapter = cfg.model.backbone.get("adapter")
+        if adapter and "n" in adapter:  # tiny layers hold fewer entries than n
+            adapter.n //= 10
+    with torch.device(args.device):  # allocate and initialise on the device (6B: seconds)
+        model = build_model(cfg).train()
+    model.to(args.device)  # also tells the data preprocessor which device it is on
+    if segmentation:
+        batch = synthetic_seg_batch(args.batch, args.size, cfg.model.decode_head.num_classes)
+    else:
+        batch = synthetic_batch(args.batch, args.size, 80, args.device)
+    data = model.data_preprocessor(batch, training=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=1e-4, weight_decay=0.05, fused=args.device.startswith("cuda")
+    )
+
+    dtype = getattr(torch, args.dtype)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+    def step() -> None:
+        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            losses = model(**data, mode="loss")
+        loss, _ = model.parse_losses(losses)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.iters):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
+    trainable = sum(p.numel() for p in params)
+    return statistics.median(times), peak, trainable
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["maskrcnn", "internvit6b"], default="maskrcnn")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--batch", type=int, default=None, help="default 2 (maskrcnn), 4 (6B)")
+    parser.add_argument("--size", type=int, default=None, help="default 1024 (maskrcnn), 512")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float16", "bfloat16", "float32"],
+        help="autocast dtype; default float16 for Mask R-CNN (mmcv's NMS has "
+        "no bf16 kernel; mmdet's AMP is fp16), bfloat16 for the 6B UperNet",
+    )
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=15)
+    args = parser.parse_args()
+    maskrcnn = args.preset == "maskrcnn"
+    args.dtype = args.dtype or ("float16" if maskrcnn else "bfloat16")
+    args.batch = args.batch or (2 if maskrcnn else 4)
+    args.size = args.size or (1024 if maskrcnn else 512)
+    if args.tiny:
+        args.size = min(args.size, 256 if maskrcnn else 112)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    rows = []
+    for name, path in (VARIANTS if maskrcnn else INTERNVIT_6B).items():
+        ms, peak, trainable = time_config(path, args)
+        rows.append((name, ms, peak, trainable))
+        print(f"{name}: {ms:.1f} ms, {peak:.2f} GiB, {trainable:,} trainable", flush=True)
+    if not maskrcnn:
+        name, ms, peak, trainable = rows[0]
+        print(
+            f"\n### {name}, UperNet {args.batch}×{args.size}², {args.dtype} autocast, AdamW — "
+            f"{device_name}\n"
+        )
+        print("| step (ms) | images/s | peak (GiB) | trainable |\n|---|---|---|---|")
+        print(f"| {ms:.0f} | {1000 * args.batch / ms:.2f} | {peak:.1f} | {trainable:,} |")
+        return
+    floor_ms, floor_peak = rows[0][1], rows[0][2]
+    full_ms = rows[1][1]
+    print(
+        f"\n### Mask R-CNN ConvNeXt-V2-L training step, {args.batch}×{args.size}², "
+        f"{args.dtype} autocast, AdamW — {device_name}\n"
+    )
+    print("| variant | trainable | step (ms) | × floor | × full FT | peak (GiB) | peak vs floor |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ms, peak, trainable in rows:
+        mem = f"{100 * (peak / floor_peak - 1):+.1f}%" if floor_peak else "-"
+        print(
+            f"| {name} | {trainable:,} | {ms:.1f} | {ms / floor_ms:.3f} | {ms / full_ms:.3f} | "
+            f"{peak:.2f} | {mem} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
