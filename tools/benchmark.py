@@ -8,6 +8,8 @@ nothing turns NaN/inf. Prints a markdown table (ratios to the floor of the same 
 
     python tools/benchmark.py                       # ConvNeXt-V2-L 2x1024², ViT-L/16 4x512²
     python tools/benchmark.py --tiny --device cpu   # a seconds-long smoke run of the same code
+    python tools/benchmark.py --mode cuda-graph     # forward+backward replayed as a CUDA graph
+    python tools/benchmark.py --profile floor LoRA  # + GPU-busy time and top kernels per step
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 import mm_spectral
+from mm_spectral.compile_blocks import compile_modules
 
 CONVNEXT_TARGETS = [
     r"stem\.0",
@@ -32,6 +35,8 @@ CONVNEXT_TARGETS = [
     r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc1|mlp\.fc2)",
 ]
 VIT_TARGETS = [r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"]
+CONVNEXT_BLOCKS = [r"stages\.\d+\.blocks\.\d+"]
+VIT_BLOCKS = [r"blocks\.\d+"]
 
 # The papers' settings (FLoRA Table 9 / FourierFT / FoRA), the same for both backbones.
 ADAPTERS = {
@@ -56,10 +61,11 @@ class Backbone:
     size: int
     targets: list[str]
     timm_kwargs: dict
+    blocks: list[str]  # the repeated blocks that --compile compiles
 
 
 BACKBONES = [
-    Backbone("ConvNeXt-V2-L", "convnextv2_large", 2, 1024, CONVNEXT_TARGETS, {}),
+    Backbone("ConvNeXt-V2-L", "convnextv2_large", 2, 1024, CONVNEXT_TARGETS, {}, CONVNEXT_BLOCKS),
     Backbone(
         "ViT-L/16",
         "vit_large_patch16_224",
@@ -67,10 +73,11 @@ BACKBONES = [
         512,
         VIT_TARGETS,
         dict(img_size=512, dynamic_img_size=True),
+        VIT_BLOCKS,
     ),
 ]
 TINY = [
-    Backbone("ConvNeXt-V2-atto", "convnextv2_atto", 2, 64, CONVNEXT_TARGETS, {}),
+    Backbone("ConvNeXt-V2-atto", "convnextv2_atto", 2, 64, CONVNEXT_TARGETS, {}, CONVNEXT_BLOCKS),
     Backbone(
         "ViT-tiny",
         "vit_tiny_patch16_224",
@@ -78,6 +85,7 @@ TINY = [
         64,
         VIT_TARGETS,
         dict(img_size=64, dynamic_img_size=True, depth=2),
+        VIT_BLOCKS,
     ),
 ]
 
@@ -91,14 +99,36 @@ class Result:
     trainable: int
 
 
-def build(spec: Backbone, device: str) -> nn.Module:
-    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs)
-    return model.to(device)
+def build(spec: Backbone) -> nn.Module:
+    """The template on the CPU: each variant copies it, so the device holds one model only
+    while that variant is measured (peak memory is the variant's alone)."""
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs)
 
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def time_interleaved(
+    steps: list[Callable[[], object]], device: str, warmup: int, iters: int, rounds: int = 5
+) -> list[float]:
+    """Median step time of each callable, timed in alternating rounds so that drift of
+    the host's or GPU's speed during the run hits every callable alike."""
+    times: list[list[float]] = [[] for _ in steps]
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    per_round = max(1, iters // rounds)
+    for _ in range(rounds):
+        for step, seen in zip(steps, times):
+            for _ in range(per_round):
+                synchronize(device)
+                start = time.perf_counter()
+                step()
+                synchronize(device)
+                seen.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(seen) for seen in times]
 
 
 def time_steps(step: Callable[[], None], device: str, warmup: int, iters: int) -> float:
@@ -115,21 +145,49 @@ def time_steps(step: Callable[[], None], device: str, warmup: int, iters: int) -
     return statistics.median(times)
 
 
+class Features(nn.Module):
+    """``model.forward_features`` as a module (what make_graphed_callables captures)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
 def train_step_fn(
     model: nn.Module,
     x: torch.Tensor,
     dtype: torch.dtype,
     scaler: torch.amp.GradScaler | None = None,
+    mode: str = "eager",
 ) -> Callable[[], float]:
+    """One training step (forward, backward, AdamW) as a closure.
+
+    ``mode``: 'eager'; 'compile-blocks' / 'compile-model' (torch.compile, applied by the
+    caller); 'cuda-graph' captures forward+backward once and replays it, which removes the
+    host's per-op dispatch and so shows what the GPU itself spends.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: one kernel set for all tensors (foreach costs ms for hundreds of small ones)
     fused = x.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused) if params else None
     device_type = x.device.type
 
+    features: Callable[[torch.Tensor], torch.Tensor] = model.forward_features
+    # graph capture needs autocast's weight-cast cache off (captured casts must replay)
+    cache = mode != "cuda-graph"
+    if mode == "cuda-graph":
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
+            # allow_unused: forward_features leaves the classifier head's norm unused
+            features = torch.cuda.make_graphed_callables(
+                Features(model), (x,), allow_unused_input=True
+            )
+
     def step() -> float:
-        with torch.autocast(device_type, dtype=dtype):
-            loss = model.forward_features(x).float().square().mean()
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=cache):
+            loss = features(x).float().square().mean()
         if scaler is not None:
             scaler.scale(loss).backward()
         else:
@@ -147,43 +205,68 @@ def train_step_fn(
     return step
 
 
-def measure(spec: Backbone, variant: str, model: nn.Module, args) -> Result:
+def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
+    """Times ``model`` (already on the device, the only model there) and records its peak."""
+    if args.mode == "compile-blocks":
+        compile_modules(model, spec.blocks, dynamic=False)
+    elif args.mode == "compile-model":
+        compile_modules(model, None, dynamic=False)
     x = torch.randn(spec.batch, 3, spec.size, spec.size, device=args.device)
     # Floor and adapters: gradients must flow through the whole (frozen) backbone.
-    x.requires_grad_(variant != "full FT")
+    x.requires_grad_(label != "full FT")
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    step = train_step_fn(model, x, torch.bfloat16)
+    step = train_step_fn(model, x, torch.bfloat16, mode=args.mode)
     ms = time_steps(step, args.device, args.warmup, args.iters)
-    if args.profile and any(key in variant for key in args.profile):
-        profile(step, f"{spec.name} {variant}", args)
+    if args.profile and any(key in label for key in args.profile):
+        profile(step, f"{spec.name} {label}", args)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Result(spec.name, variant, ms, peak, trainable)
+    return Result(spec.name, label, ms, peak, trainable)
 
 
 def profile(step: Callable[[], float], title: str, args) -> None:
-    """Top operators by self device time over a few steps (torch.profiler)."""
+    """GPU-busy time per step and the top operators by self device time (torch.profiler)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     sort = "self_cpu_time_total"
     if args.device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         sort = "self_cuda_time_total"
+    synchronize(args.device)
+    start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
             step()
         synchronize(args.device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / 3
+    # device-side events (kernels, memcpy/memset) only: operator rows repeat their time
+    device_events = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU]
+    busy_ms = sum(e.time_range.elapsed_us() for e in device_events) / 1e3 / 3
+    kernels = len(device_events) / 3
+    print(
+        f"\n#### profile: {title}: GPU busy {busy_ms:.1f} ms per step, {kernels:.0f} device ops "
+        f"per step, wall {wall_ms:.1f} ms per step under the profiler",
+        flush=True,
+    )
     table = prof.key_averages().table(
         sort_by=sort, row_limit=args.profile_rows, max_name_column_width=60
     )
     print(f"\n#### profile: {title} (3 steps)\n{table}", flush=True)
 
 
-def adapted(base: nn.Module, spec: Backbone, cfg: dict) -> nn.Module:
+def variant(base: nn.Module, spec: Backbone, cfg: dict | None, device: str) -> nn.Module:
+    """A device copy of the CPU template: adapted with ``cfg`` (backbone frozen), or, for
+    ``cfg`` None, the plain model whose trainability the template has."""
     model = copy.deepcopy(base)
-    mm_spectral.inject(model, dict(cfg, targets=spec.targets))
-    return model
+    if cfg is not None:
+        mm_spectral.inject(model, dict(cfg, targets=spec.targets))
+    return model.to(device)
+
+
+def release(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def make_nonzero(model: nn.Module) -> None:
@@ -205,17 +288,18 @@ def inference_check(spec: Backbone, base: nn.Module, args) -> list[str]:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             return model.forward_features(x)
 
-    base.eval()
+    plain = variant(base, spec, None, args.device).eval()
     warmup, iters = 2 * args.warmup, 3 * args.iters  # inference steps are short: more of them
-    base_ms = time_steps(lambda: infer(base), args.device, warmup, iters)
     for name, cfg in args.adapters.items():
-        model = adapted(base, spec, cfg).eval()
+        model = variant(base, spec, cfg, args.device).eval()
         make_nonzero(model)
         unmerged_out = infer(model).float()
         mm_spectral.merge(model)
         merged_out = infer(model).float()
         rel = ((merged_out - unmerged_out).norm() / unmerged_out.norm()).item()
-        merged_ms = time_steps(lambda m=model: infer(m), args.device, warmup, iters)
+        base_ms, merged_ms = time_interleaved(
+            [lambda: infer(plain), lambda m=model: infer(m)], args.device, warmup, iters
+        )
         lines.append(
             f"| {spec.name} | {name} | {base_ms:.1f} | {merged_ms:.1f} | "
             f"{merged_ms / base_ms:.3f}x | {rel:.2e} |"
@@ -232,7 +316,7 @@ def amp_check(spec: Backbone, base: nn.Module, args) -> list[str]:
         for dtype in (torch.float16, torch.bfloat16):
             if dtype == torch.float16 and not args.device.startswith("cuda"):
                 continue
-            model = adapted(base, spec, cfg).train()
+            model = variant(base, spec, cfg, args.device).train()
             scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
             step = train_step_fn(model, x, dtype, scaler)
             losses = [step() for _ in range(args.amp_steps)]
@@ -246,54 +330,25 @@ def amp_check(spec: Backbone, base: nn.Module, args) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny backbones for a smoke run")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--amp-steps", type=int, default=5)
-    parser.add_argument("--only", default=None, help="run only backbones whose name contains this")
-    parser.add_argument("--skip-inference", action="store_true")
-    parser.add_argument(
-        "--profile",
-        nargs="*",
-        default=None,
-        help="profile variants whose name contains one of these words",
-    )
-    parser.add_argument("--profile-rows", type=int, default=12)
-    parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
-    args.adapters = TINY_ADAPTERS if args.tiny else ADAPTERS
-
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"device: {device_name}; torch {torch.__version__}; timm {timm.__version__}", flush=True)
-    results: list[Result] = []
-    inference_lines: list[str] = []
-    amp_lines: list[str] = []
-    for spec in TINY if args.tiny else BACKBONES:
-        if args.only and args.only not in spec.name:
-            continue
-        torch.manual_seed(0)
-        base = build(spec, args.device)
-        full = base.train()
-        results.append(measure(spec, "full FT", full, args))
+def measure_training(spec: Backbone, base: nn.Module, args) -> list[Result]:
+    """Full FT, the floor and every adapter, one model on the device at a time."""
+    results = [measure(spec, "full FT", variant(base, spec, None, args.device), args)]
+    print(results[-1], flush=True)
+    release(args.device)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    results.append(measure(spec, "floor (frozen)", variant(base, spec, None, args.device), args))
+    print(results[-1], flush=True)
+    release(args.device)
+    for name, cfg in args.adapters.items():
+        results.append(measure(spec, name, variant(base, spec, cfg, args.device), args))
         print(results[-1], flush=True)
-        for p in base.parameters():
-            p.requires_grad_(False)
-        results.append(measure(spec, "floor (frozen)", base, args))
-        print(results[-1], flush=True)
-        for name, cfg in args.adapters.items():
-            model = adapted(base, spec, cfg).train()
-            results.append(measure(spec, name, model, args))
-            print(results[-1], flush=True)
-            del model
-        if not args.skip_inference:
-            inference_lines += inference_check(spec, base, args)
-            amp_lines += amp_check(spec, base, args)
-        del base, full
+        release(args.device)
+    return results
 
-    print(f"\n### Training step, bf16 autocast, AdamW — {device_name}\n")
+
+def print_training_table(results: list[Result], args, device_name: str) -> None:
+    print(f"\n### Training step, bf16 autocast, AdamW, {args.mode} — {device_name}\n")
     print(
         "| backbone, batch | variant | trainable | step (ms) | × floor | × full FT | peak (GiB) | peak vs floor |"
     )
@@ -310,6 +365,56 @@ def main() -> None:
             f"{r.step_ms:.1f} | {r.step_ms / floor.step_ms:.3f} | {r.step_ms / full.step_ms:.3f} | "
             f"{r.peak_gib:.2f} | {mem} |"
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny backbones for a smoke run")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--amp-steps", type=int, default=5)
+    parser.add_argument("--only", default=None, help="run only backbones whose name contains this")
+    parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument(
+        "--skip-training", action="store_true", help="only the inference and AMP checks"
+    )
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        default=None,
+        help="profile variants whose name contains one of these words",
+    )
+    parser.add_argument("--profile-rows", type=int, default=12)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--mode",
+        default="eager",
+        choices=["eager", "compile-blocks", "compile-model", "cuda-graph"],
+        help="how every variant (floor and full FT too) runs its forward and backward",
+    )
+    args = parser.parse_args()
+    args.adapters = TINY_ADAPTERS if args.tiny else ADAPTERS
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"device: {device_name}; torch {torch.__version__}; timm {timm.__version__}", flush=True)
+    results: list[Result] = []
+    inference_lines: list[str] = []
+    amp_lines: list[str] = []
+    for spec in TINY if args.tiny else BACKBONES:
+        if args.only and args.only not in spec.name:
+            continue
+        torch.manual_seed(0)
+        base = build(spec).train()
+        if not args.skip_training:
+            results += measure_training(spec, base, args)
+        if not args.skip_inference:
+            inference_lines += inference_check(spec, base, args)
+            amp_lines += amp_check(spec, base, args)
+        del base
+
+    if results:
+        print_training_table(results, args, device_name)
     if inference_lines:
         print(f"\n### Inference, merged vs base, bf16 — {device_name}\n")
         print(

@@ -131,7 +131,8 @@ class LowRankAdapter(BaseAdapter):
 
     def delta(self) -> Tensor:
         down, up, scale = self.low_rank_factors()
-        return (up @ down) * scale
+        delta = torch.mm(up, down)
+        return delta if scale == 1.0 else delta.mul_(scale)
 
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
         if not self.spec.factorable:
@@ -142,7 +143,8 @@ class LowRankAdapter(BaseAdapter):
         base = layer_op(layer, x, layer.weight, layer.bias)
         rank = down.shape[0]
         hidden = layer_op(layer, x, down.reshape(rank, *self.spec.weight_shape[1:]), None)
-        return base + F.conv2d(hidden, (up * scale).reshape(*up.shape, 1, 1))
+        up = up if scale == 1.0 else up * scale
+        return base + F.conv2d(hidden, up.reshape(*up.shape, 1, 1))
 
 
 class AdaptedLayerMixin:

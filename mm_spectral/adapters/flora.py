@@ -32,6 +32,47 @@ def tucker_product(core: Tensor, factors: Sequence[Tensor | None]) -> Tensor:
     return torch.einsum(f"{','.join(terms)}->{out_idx}", *operands)
 
 
+class _ConvTuckerDown(torch.autograd.Function):
+    """scale · core ×₂ U₂ ×₃ U₃ ×₄ U₄ of a conv core, unfolded to (J₁, in · kh · kw).
+
+    The contraction is one GEMM against the Kronecker product U₂ ⊗ U₃ ⊗ U₄ (built with two
+    broadcast products); the backward is written out (two GEMMs and four small reductions),
+    so autograd records one node where an einsum records a dozen permutes and bmms.
+    """
+
+    @staticmethod
+    def forward(ctx, core, u_in, u_h, u_w, scale):  # type: ignore[override]
+        (i, r_in), (h, r_h), (w, r_w) = u_in.shape, u_h.shape, u_w.shape
+        # Broadcast views, not indexing with None: each None is one more dispatched op.
+        spatial = (u_h.view(h, 1, r_h, 1) * u_w.view(1, w, 1, r_w)).view(h * w, r_h * r_w)
+        kron = u_in.view(i, 1, r_in, 1) * spatial.view(1, h * w, 1, r_h * r_w)
+        kron = kron.view(i * h * w, r_in * r_h * r_w)
+        unfolded = core.view(core.shape[0], -1)
+        down = torch.mm(unfolded, kron.t())
+        ctx.save_for_backward(unfolded, u_in, u_h, u_w, spatial, kron)
+        ctx.scale = scale
+        return down if scale == 1.0 else down.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad_down):  # type: ignore[override]
+        unfolded, u_in, u_h, u_w, spatial, kron = ctx.saved_tensors
+        (i, r_in), (h, r_h), (w, r_w) = u_in.shape, u_h.shape, u_w.shape
+        g = grad_down.to(kron.dtype)  # bf16 when the forward GEMM ran under autocast
+        g = g if ctx.scale == 1.0 else g * ctx.scale
+        grad_core = torch.mm(g, kron).view(unfolded.shape[0], r_in, r_h, r_w)
+        grad_kron = torch.mm(g.t(), unfolded).view(i, h * w, r_in, r_h * r_w)
+        grad_in = (grad_kron * spatial.view(1, h * w, 1, r_h * r_w)).sum((1, 3))
+        grad_spatial = (grad_kron * u_in.view(i, 1, r_in, 1)).sum((0, 2)).view(h, w, r_h, r_w)
+        grad_h = (grad_spatial * u_w.view(1, w, 1, r_w)).sum((1, 3))
+        grad_w = (grad_spatial * u_h.view(h, 1, r_h, 1)).sum((0, 2))
+        return grad_core, grad_in, grad_h, grad_w, None
+
+
+def conv_tucker_down(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
+    """scale · core ×₂ factors[1] ×₃ factors[2] ×₄ factors[3] as (J₁, in/groups · kh · kw)."""
+    return _ConvTuckerDown.apply(core, factors[1], factors[2], factors[3], float(scale))
+
+
 class FLoRA(LowRankAdapter):
     """N-mode Tucker adapter, ΔW = scale · core ×₁ factors[0] ×₂ … (mode-n products).
 
@@ -73,15 +114,15 @@ class FLoRA(LowRankAdapter):
         )
 
     def delta(self) -> Tensor:
-        if self.spec.factorable:
+        if len(self.factors) == 2:
             return super().delta()
-        return tucker_product(self.core, self.factors) * self.scale
+        return torch.mm(self.factors[0], conv_tucker_down(self.core, self.factors, self.scale))
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         if len(self.factors) == 2:  # linear: core ×₂ U₂ is a plain product
             return F.linear(self.core, self.factors[1]), self.factors[0], self.scale
-        down = tucker_product(self.core, [None, *self.factors[1:]])
-        return down.reshape(down.shape[0], -1), self.factors[0], self.scale
+        # Conv: the scale goes into the (small) down factor, sparing an op on the up one.
+        return conv_tucker_down(self.core, self.factors, self.scale), self.factors[0], 1.0
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, core={tuple(self.core.shape)}, scale={self.scale:g}"

@@ -54,19 +54,19 @@ class LowRankLinear(torch.autograd.Function):
         scale = ctx.scale
         g = _as(_rows(grad_out), w.dtype)
         grad_x = grad_w = grad_b = grad_d = grad_u = None
-        g_hidden = g @ u if (need_x or need_d) else None
+        g_hidden = torch.mm(g, u) if (need_x or need_d) else None
         if need_x:
-            grad_x = (g @ w).addmm_(g_hidden, d, alpha=scale)
+            grad_x = torch.mm(g, w).addmm_(g_hidden, d, alpha=scale)
             grad_x = grad_x if len(ctx.x_shape) == 2 else grad_x.view(ctx.x_shape)
         if need_w:
-            grad_w = g.t() @ x2
+            grad_w = torch.mm(g.t(), x2)
         if need_b:
             grad_b = g.sum(0)
         if need_d:
-            grad_d = g_hidden.t() @ x2
+            grad_d = torch.mm(g_hidden.t(), x2)
             grad_d = grad_d if scale == 1.0 else grad_d.mul_(scale)
         if need_u:
-            grad_u = g.t() @ hidden
+            grad_u = torch.mm(g.t(), hidden)
             grad_u = grad_u if scale == 1.0 else grad_u.mul_(scale)
         return grad_x, grad_w, grad_b, grad_d, grad_u, None
 
@@ -93,10 +93,10 @@ class DeltaLinear(torch.autograd.Function):
         g = _as(_rows(grad_out), w.dtype)
         grad_x = grad_w = grad_b = grad_delta = None
         if need_x:
-            grad_x = g @ w
+            grad_x = torch.mm(g, w)
             grad_x = grad_x if len(ctx.x_shape) == 2 else grad_x.view(ctx.x_shape)
         if need_w or need_delta:
-            grad_full = g.t() @ x2
+            grad_full = torch.mm(g.t(), x2)
             grad_w = grad_full if need_w else None
             grad_delta = grad_full if need_delta else None
         if need_b:

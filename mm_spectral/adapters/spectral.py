@@ -59,6 +59,38 @@ def band_entries(rows: int, cols: int, fc: float, bandwidth: float) -> Tensor:
     return inside.flatten().nonzero().flatten()
 
 
+class _SparseSpectrumToReal(torch.autograd.Function):
+    """Forward: scatter into the Hermitian half spectrum and one inverse real FFT.
+
+    Backward uses that Re(ifft2(F)) is linear in the coefficients with cosine basis
+    functions: ∂/∂c_k = scale · Re(fft2(g))[u_k, v_k] / (rows · cols), read from one
+    forward real FFT of the gradient, so autograd records one node, not ~10.
+    """
+
+    @staticmethod
+    def forward(ctx, coefficients, positions, shape, scale):  # type: ignore[override]
+        rows, cols = shape
+        n = coefficients.numel()
+        flat = torch.zeros(2 * (rows * (cols // 2 + 1) + 1), device=coefficients.device)
+        values = coefficients.float()
+        # Each entry gives half its coefficient to itself and half to its mirror, written
+        # into real slots; slots outside the stored half land in the dropped extra one.
+        flat.index_add_(0, positions[:n], values, alpha=0.5 * scale)
+        flat.index_add_(0, positions[n : 2 * n], values, alpha=0.5 * scale)
+        half = torch.view_as_complex(flat.view(-1, 2)[:-1]).view(rows, cols // 2 + 1)
+        ctx.save_for_backward(positions[2 * n :])
+        ctx.shape, ctx.scale, ctx.dtype = shape, scale, coefficients.dtype
+        return torch.fft.irfft2(half, s=shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (gather,) = ctx.saved_tensors
+        rows, cols = ctx.shape
+        spectrum = torch.view_as_real(torch.fft.rfft2(grad_out.float())).view(-1)
+        grad = spectrum.index_select(0, gather).mul_(ctx.scale / (rows * cols))
+        return grad.to(ctx.dtype), None, None, None
+
+
 def sparse_spectrum_to_real(
     coefficients: Tensor, positions: Tensor, shape: tuple[int, int], scale: float = 1.0
 ) -> Tensor:
@@ -67,34 +99,30 @@ def sparse_spectrum_to_real(
     ``positions`` comes from :func:`half_spectrum_positions` (computed once per adapter).
     For a real F, Re(ifft2(F)) = ifft2(H) with the Hermitian part H[k] = (F[k] + F[−k]) / 2,
     so the inverse *real* FFT of H's half spectrum gives it with half the work and no
-    complex rows×cols result. Always float32: cuFFT has no bf16 transform and fp16 only for
-    power-of-two sizes, so autocast is switched off here and the caller casts back.
+    complex rows×cols result. Always float32 (the coefficients are float32 parameters, and
+    FFTs are not among autocast's low-precision ops): cuFFT has no bf16 transform and fp16
+    only for power-of-two sizes; the caller casts the result.
     """
-    rows, cols = shape
-    half_cols = cols // 2 + 1
-    device = coefficients.device
-    with torch.autocast(device_type=device.type, enabled=False):
-        # Each entry gives half its coefficient to itself and half to its mirror, written
-        # straight into the real parts of a complex buffer (positions are doubled: real
-        # slots); those outside the stored half land in one extra slot that is dropped.
-        values = coefficients.float().repeat(2) * (0.5 * scale)
-        buffer = torch.zeros(rows * half_cols + 1, 2, dtype=torch.float32, device=device)
-        buffer = buffer.view(-1).index_add(0, positions * 2, values).view(-1, 2)
-        half = torch.view_as_complex(buffer)[:-1].view(rows, half_cols)
-        return torch.fft.irfft2(half, s=(rows, cols))
+    return _SparseSpectrumToReal.apply(coefficients, positions, tuple(shape), float(scale))
 
 
 def half_spectrum_positions(indices: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Flat positions in the (rows, cols//2+1) half spectrum of each entry and its mirror.
+    """Flat float slots in the (rows, cols//2+1) complex half spectrum, as one LongTensor (3n,).
 
-    Returns 2n positions (entries, then mirrors); those outside the half map to the
-    extra slot ``rows * (cols//2 + 1)``.
+    The first n are each entry's real slot, the next n its mirror's (slots outside the
+    stored half map to the extra slot after it), the last n the slot where the entry's
+    own or its mirror's frequency lies inside the half, read by the backward (a real
+    signal's spectrum has equal real parts at k and −k).
     """
     rows, cols = shape
     half_cols = cols // 2 + 1
-    u = torch.cat([indices[0], (-indices[0]) % rows])
-    v = torch.cat([indices[1], (-indices[1]) % cols])
-    return torch.where(v < half_cols, u * half_cols + v, rows * half_cols)
+    extra = rows * half_cols
+    u, v = indices[0], indices[1]
+    mirror_u, mirror_v = (-u) % rows, (-v) % cols
+    own = torch.where(v < half_cols, u * half_cols + v, extra)
+    mirror = torch.where(mirror_v < half_cols, mirror_u * half_cols + mirror_v, extra)
+    inside = torch.where(own < extra, own, mirror)
+    return torch.cat([own, mirror, inside]) * 2
 
 
 def hermitian_weights(indices: Tensor, shape: tuple[int, int]) -> Tensor:
