@@ -62,6 +62,19 @@ def test_gradient_matches_dense_path():
     torch.testing.assert_close(c1.grad, c2.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_with_non_contiguous_upstream_gradient():
+    shape = (10, 6)
+    indices = sample_entries(*shape, 12, seed=1)
+    c = torch.randn(12, requires_grad=True)
+    out = sparse_spectrum_to_real(c, half_spectrum_positions(indices, shape), shape, scale=3.0)
+    upstream = torch.randn(shape[1], shape[0]).t()  # a transposed, non-contiguous gradient
+    assert not upstream.is_contiguous()
+    (got,) = torch.autograd.grad(out, c, upstream)
+    dense = torch.zeros(shape).index_put((indices[0], indices[1]), c)
+    (want,) = torch.autograd.grad(3.0 * torch.fft.ifft2(dense).real, c, upstream.contiguous())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_entries_are_distinct_seeded_and_shared_by_shape():
     a = sample_entries(20, 30, 100, seed=4)
     assert a.dtype == torch.long and a.shape == (2, 100)

@@ -86,8 +86,10 @@ class _SparseSpectrumToReal(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         (gather,) = ctx.saved_tensors
         rows, cols = ctx.shape
-        spectrum = torch.view_as_real(torch.fft.rfft2(grad_out.float())).view(-1)
-        grad = spectrum.index_select(0, gather).mul_(ctx.scale / (rows * cols))
+        # take() reads in logical order whatever the strides (cuFFT may return a
+        # non-contiguous spectrum), copying nothing.
+        spectrum = torch.view_as_real(torch.fft.rfft2(grad_out.float()))
+        grad = torch.take(spectrum, gather).mul_(ctx.scale / (rows * cols))
         return grad.to(ctx.dtype), None, None, None
 
 
