@@ -54,9 +54,9 @@ LORA = dict(type="LoRA", rank=2, alpha=4, targets=TARGETS)
 class GlueToyBackbone(BaseModule):
     """Conv stem, BN (buffers), depthwise + pointwise convs, a Linear: (B,3,8,8) → (B,16)."""
 
-    def __init__(self, init_cfg=None, greedy: bool = False) -> None:
+    def __init__(self, init_cfg=None, greedy: bool = False, with_cp: bool = False) -> None:
         super().__init__(init_cfg)
-        self.greedy = greedy
+        self.greedy, self.with_cp = greedy, with_cp
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.norm = nn.BatchNorm2d(8)
         self.blocks = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 16, 1))
@@ -186,6 +186,18 @@ def test_frozen_dtype_stores_frozen_weights_low_and_runs_under_autocast():
     )
     model.fc(torch.randn(2, 16, dtype=torch.bfloat16)).float().sum().backward()
     assert model.fc.adapter.lora_B.grad is not None and model.fc.weight.grad is None
+
+
+def test_cuda_graph_option_wraps_the_forward_and_refuses_checkpointing():
+    from mm_spectral.cuda_graph import CudaGraphForward
+
+    model = MODELS.build(dict(backbone_cfg(), adapter=LORA, cuda_graph=dict(max_shapes=1)))
+    runner = model.__dict__["forward"]
+    assert isinstance(runner, CudaGraphForward) and runner.max_shapes == 1
+    assert model.mm_spectral_cfg["cuda_graph"] is True
+    assert "forward" not in MODELS.build(dict(backbone_cfg(), adapter=LORA)).__dict__
+    with pytest.raises(ValueError, match="with_cp"):
+        MODELS.build(dict(backbone_cfg(with_cp=True), adapter=LORA, cuda_graph=True))
 
 
 def test_init_weights_keeps_grads_adapters_and_summarises_missing_keys(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import time
@@ -28,6 +29,7 @@ from torch import nn
 
 import mm_spectral
 from mm_spectral.compile_blocks import compile_modules
+from mm_spectral.cuda_graph import enable_cuda_graph
 
 CONVNEXT_TARGETS = [
     r"stem\.0",
@@ -146,7 +148,7 @@ def time_steps(step: Callable[[], None], device: str, warmup: int, iters: int) -
 
 
 class Features(nn.Module):
-    """``model.forward_features`` as a module (what make_graphed_callables captures)."""
+    """``model.forward_features`` as a module (the part a CUDA graph captures)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -166,8 +168,9 @@ def train_step_fn(
     """One training step (forward, backward, AdamW) as a closure.
 
     ``mode``: 'eager'; 'compile-blocks' / 'compile-model' (torch.compile, applied by the
-    caller); 'cuda-graph' captures forward+backward once and replays it, which removes the
-    host's per-op dispatch and so shows what the GPU itself spends.
+    caller); 'cuda-graph' replays forward+backward as a CUDA graph captured at the first
+    step (:func:`mm_spectral.cuda_graph.enable_cuda_graph`), which removes the host's
+    per-op dispatch and so shows what the GPU itself spends.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: one kernel set for all tensors (foreach costs ms for hundreds of small ones)
@@ -176,17 +179,11 @@ def train_step_fn(
     device_type = x.device.type
 
     features: Callable[[torch.Tensor], torch.Tensor] = model.forward_features
-    # graph capture needs autocast's weight-cast cache off (captured casts must replay)
-    cache = mode != "cuda-graph"
-    if mode == "cuda-graph":
-        with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
-            # allow_unused: forward_features leaves the classifier head's norm unused
-            features = torch.cuda.make_graphed_callables(
-                Features(model), (x,), allow_unused_input=True
-            )
+    if mode == "cuda-graph":  # what AdaptedBackbone(cuda_graph=True) does for a backbone
+        features = enable_cuda_graph(Features(model))
 
     def step() -> float:
-        with torch.autocast(device_type, dtype=dtype, cache_enabled=cache):
+        with torch.autocast(device_type, dtype=dtype):
             loss = features(x).float().square().mean()
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -215,13 +212,21 @@ def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
     # Floor and adapters: gradients must flow through the whole (frozen) backbone.
     x.requires_grad_(label != "full FT")
     if args.device.startswith("cuda"):
+        gc.collect()  # a graphed previous variant is a reference cycle
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     step = train_step_fn(model, x, torch.bfloat16, mode=args.mode)
     ms = time_steps(step, args.device, args.warmup, args.iters)
     if args.profile and any(key in label for key in args.profile):
         profile(step, f"{spec.name} {label}", args)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
+    peak = 0.0
+    if args.device.startswith("cuda"):  # a graph's activations live in its pool: reserved
+        peak = (
+            torch.cuda.max_memory_reserved()
+            if args.mode == "cuda-graph"
+            else torch.cuda.max_memory_allocated()
+        )
+        peak /= 2**30
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Result(spec.name, label, ms, peak, trainable)
 
@@ -265,6 +270,7 @@ def variant(base: nn.Module, spec: Backbone, cfg: dict | None, device: str) -> n
 
 
 def release(device: str) -> None:
+    gc.collect()  # a graphed variant is a reference cycle (module ↔ its forward)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
@@ -294,7 +300,8 @@ def inference_check(spec: Backbone, base: nn.Module, args) -> list[str]:
         model = variant(base, spec, cfg, args.device).eval()
         make_nonzero(model)
         unmerged_out = infer(model).float()
-        mm_spectral.merge(model)
+        # Merge, then back to the plain layer classes: the model merge_adapters.py exports.
+        mm_spectral.remove_adapters(model)
         merged_out = infer(model).float()
         rel = ((merged_out - unmerged_out).norm() / unmerged_out.norm()).item()
         base_ms, merged_ms = time_interleaved(
@@ -349,8 +356,10 @@ def measure_training(spec: Backbone, base: nn.Module, args) -> list[Result]:
 
 def print_training_table(results: list[Result], args, device_name: str) -> None:
     print(f"\n### Training step, bf16 autocast, AdamW, {args.mode} — {device_name}\n")
+    memory = "peak reserved (GiB)" if args.mode == "cuda-graph" else "peak (GiB)"
     print(
-        "| backbone, batch | variant | trainable | step (ms) | × floor | × full FT | peak (GiB) | peak vs floor |"
+        f"| backbone, batch | variant | trainable | step (ms) | × floor | × full FT | {memory} "
+        "| vs floor |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -1,20 +1,24 @@
 """Whole-model training-step benchmark from the project's configs (GPU).
 
 ``--preset maskrcnn``: Mask R-CNN ConvNeXt-V2-L, every variant (Base = the floor, full FT,
-each adapter), 2 x 1024², boxes and masks. ``--preset internvit6b``: InternViT-6B + FLoRA
-r16 UperNet at 512², frozen backbone weights in bf16, activation checkpointing: images/s
-and peak memory. Each model is built through its toolbox's registry and fed a fixed
+each adapter), 2 x 1024², boxes and masks. ``--preset vit-upernet``: UperNet ViT-L/16 with
+LoRA, FourierFT and FoRA at 512². ``--preset internvit6b``: InternViT-6B + FLoRA r16 UperNet
+at 512², activation checkpointing. UperNet presets keep frozen backbone weights in bf16;
+images/s and peak memory (with ``--cuda-graph``: peak reserved, where a graph's pool lives). Each model is built through its toolbox's registry and fed a fixed
 synthetic batch; forward + losses + backward + AdamW under bf16 autocast, median of
 CUDA-synchronised steps after warm-up.
 
     python tools/benchmark_model.py --preset maskrcnn
+    python tools/benchmark_model.py --preset vit-upernet [--cuda-graph]
     python tools/benchmark_model.py --preset internvit6b --batch 4
+    python tools/benchmark_model.py --preset maskrcnn --cuda-graph   # backbone as a CUDA graph
     python tools/benchmark_model.py --preset maskrcnn --device cpu --tiny   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -22,6 +26,7 @@ import torch
 from mmengine.config import Config
 
 import mm_spectral  # noqa: F401  (registers the project's classes)
+from mm_spectral.cuda_graph import enable_cuda_graph
 
 VARIANTS = {
     "floor (Base, frozen)": "configs/coco/mask-rcnn_convnextv2-l-base_fpn_8xb4-1x_coco.py",
@@ -32,6 +37,12 @@ VARIANTS = {
     "FoRA r64 n8000": "configs/coco/mask-rcnn_convnextv2-l-fora-r64-n8000_fpn_8xb4-1x_coco.py",
 }
 
+
+VIT_UPERNET = {
+    "LoRA r16": "configs/ade20k/upernet_vit-l-lora-r16_8xb2-160k_ade20k-512x512.py",
+    "FourierFT n3000": "configs/ade20k/upernet_vit-l-fourierft-n3000_8xb2-160k_ade20k-512x512.py",
+    "FoRA r64 n8000": "configs/ade20k/upernet_vit-l-fora-r64-n8000_8xb2-160k_ade20k-512x512.py",
+}
 
 INTERNVIT_6B = {
     "InternViT-6B FLoRA r16 (bf16 frozen, with_cp)": "configs/ade20k/upernet_internvit-6b-flora-r16_8xb2-160k_ade20k-512x512.py",
@@ -93,6 +104,9 @@ def synthetic_batch(batch: int, size: int, num_classes: int, device: str, seed: 
 def time_config(path: str, args) -> tuple[float, float, int]:
     from mm_spectral.checkpoint import build_model
 
+    gc.collect()  # the previous variant (a graphed backbone holds a reference cycle)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     cfg = Config.fromfile(path)
     inner = cfg.model.backbone.get("backbone", cfg.model.backbone)
     inner.pop("init_cfg", None)  # timing only: no pretrained weights needed
@@ -105,15 +119,23 @@ def time_config(path: str, args) -> tuple[float, float, int]:
             inner.update(embed_dim=48, depth=4, num_heads=3, out_indices=(0, 1, 2, 3))
             cfg.model.decode_head.in_channels = [48] * 4
             cfg.model.auxiliary_head.in_channels = 48
+        elif inner.type == "TimmViT":
+            inner.update(arch="vit_tiny_patch16_224", out_indices=(2, 5, 8, 11))
+            cfg.model.decode_head.in_channels = [192] * 4
+            cfg.model.auxiliary_head.in_channels = 192
         else:
             inner.arch = "atto"
             cfg.model.neck.in_channels = [40, 80, 160, 320]
         adapter = cfg.model.backbone.get("adapter")
         if adapter and "n" in adapter:  # tiny layers hold fewer entries than n
             adapter.n //= 10
+    if args.cuda_graph and cfg.model.backbone.type == "AdaptedBackbone":
+        cfg.model.backbone.cuda_graph = True  # the user-facing switch
     with torch.device(args.device):  # allocate and initialise on the device (6B: seconds)
         model = build_model(cfg).train()
     model.to(args.device)  # also tells the data preprocessor which device it is on
+    if args.cuda_graph and not getattr(model.backbone, "with_cp", False):
+        enable_cuda_graph(model.backbone)  # every variant alike (AdaptedBackbone: set in cfg)
     if segmentation:
         batch = synthetic_seg_batch(args.batch, args.size, cfg.model.decode_head.num_classes)
     else:
@@ -154,14 +176,23 @@ def time_config(path: str, args) -> tuple[float, float, int]:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
+    peak = 0.0
+    if args.device.startswith("cuda"):  # a graph's activations live in its pool: reserved
+        peak = (
+            torch.cuda.max_memory_reserved()
+            if args.cuda_graph
+            else torch.cuda.max_memory_allocated()
+        )
+        peak /= 2**30
     trainable = sum(p.numel() for p in params)
     return statistics.median(times), peak, trainable
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["maskrcnn", "internvit6b"], default="maskrcnn")
+    parser.add_argument(
+        "--preset", choices=["maskrcnn", "vit-upernet", "internvit6b"], default="maskrcnn"
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch", type=int, default=None, help="default 2 (maskrcnn), 4 (6B)")
@@ -175,6 +206,12 @@ def main() -> None:
     )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each backbone's forward+backward as a CUDA graph (AdaptedBackbone's "
+        "cuda_graph=True); the rest of the model stays eager",
+    )
     args = parser.parse_args()
     maskrcnn = args.preset == "maskrcnn"
     args.dtype = args.dtype or ("float16" if maskrcnn else "bfloat16")
@@ -183,27 +220,33 @@ def main() -> None:
     if args.tiny:
         args.size = min(args.size, 256 if maskrcnn else 112)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    presets = {"maskrcnn": VARIANTS, "vit-upernet": VIT_UPERNET, "internvit6b": INTERNVIT_6B}
     rows = []
-    for name, path in (VARIANTS if maskrcnn else INTERNVIT_6B).items():
+    for name, path in presets[args.preset].items():
         ms, peak, trainable = time_config(path, args)
         rows.append((name, ms, peak, trainable))
         print(f"{name}: {ms:.1f} ms, {peak:.2f} GiB, {trainable:,} trainable", flush=True)
+    graph = ", backbone as CUDA graph" if args.cuda_graph else ""
+    memory = "peak reserved (GiB)" if args.cuda_graph else "peak (GiB)"
     if not maskrcnn:
-        name, ms, peak, trainable = rows[0]
+        model = "ViT-L/16" if args.preset == "vit-upernet" else "InternViT-6B"
         print(
-            f"\n### {name}, UperNet {args.batch}×{args.size}², {args.dtype} autocast, AdamW — "
-            f"{device_name}\n"
+            f"\n### {model} UperNet training step, {args.batch}×{args.size}², frozen weights "
+            f"bf16, {args.dtype} autocast, AdamW{graph} — {device_name}\n"
         )
-        print("| step (ms) | images/s | peak (GiB) | trainable |\n|---|---|---|---|")
-        print(f"| {ms:.0f} | {1000 * args.batch / ms:.2f} | {peak:.1f} | {trainable:,} |")
+        print(f"| variant | trainable | step (ms) | images/s | {memory} |\n|---|---|---|---|---|")
+        for name, ms, peak, trainable in rows:
+            print(
+                f"| {name} | {trainable:,} | {ms:.1f} | {1000 * args.batch / ms:.2f} | {peak:.2f} |"
+            )
         return
     floor_ms, floor_peak = rows[0][1], rows[0][2]
     full_ms = rows[1][1]
     print(
         f"\n### Mask R-CNN ConvNeXt-V2-L training step, {args.batch}×{args.size}², "
-        f"{args.dtype} autocast, AdamW — {device_name}\n"
+        f"{args.dtype} autocast, AdamW{graph} — {device_name}\n"
     )
-    print("| variant | trainable | step (ms) | × floor | × full FT | peak (GiB) | peak vs floor |")
+    print(f"| variant | trainable | step (ms) | × floor | × full FT | {memory} | vs floor |")
     print("|---|---|---|---|---|---|---|")
     for name, ms, peak, trainable in rows:
         mem = f"{100 * (peak / floor_peak - 1):+.1f}%" if floor_peak else "-"

@@ -18,6 +18,7 @@ from mmengine.logging import MMLogger
 from mmengine.registry import MODELS, Registry
 from torch import nn
 
+from ..cuda_graph import enable_cuda_graph
 from ..inject import adapted_layers, adapter_state_dict, freeze, inject
 
 ADAPTER_CFG_ATTR = "mm_spectral_cfg"
@@ -28,6 +29,7 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
     adapter: dict | None = None,
     trainable: list[str] | None = None,
     frozen_dtype: str | None = None,
+    cuda_graph: bool | dict = False,
 ) -> nn.Module:
     """Build ``backbone``, inject ``adapter`` (targets: regexes over its module names).
 
@@ -40,6 +42,10 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
         frozen_dtype: e.g. 'bfloat16': store the frozen parameters in that dtype (halves
             the memory of a frozen 6B backbone); adapters and ``trainable`` stay float32.
             The backbone then expects to run under autocast of that dtype (AMP training).
+        cuda_graph: True (or ``dict(max_shapes=2, warmup_iters=3)``) to replay the
+            backbone's training forward and backward as CUDA graphs whenever its input
+            shape repeats (fixed-size crops): removes the host's per-op cost of the
+            adapters. Not with ``with_cp``; other shapes, eval and CPU run eagerly.
 
     Returns:
         The inner backbone itself, with ``mm_spectral_cfg`` recording what was done.
@@ -53,8 +59,16 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
         freeze(inner, trainable)
     if frozen_dtype is not None:
         cast_frozen(inner, getattr(torch, frozen_dtype))
+    if cuda_graph:
+        if getattr(inner, "with_cp", False):
+            raise ValueError("cuda_graph=True cannot capture activation checkpointing (with_cp)")
+        enable_cuda_graph(inner, **(cuda_graph if isinstance(cuda_graph, dict) else {}))
     record = dict(
-        adapter=_plain(adapter), trainable=trainable, adapted=adapted, frozen_dtype=frozen_dtype
+        adapter=_plain(adapter),
+        trainable=trainable,
+        adapted=adapted,
+        frozen_dtype=frozen_dtype,
+        cuda_graph=bool(cuda_graph),
     )
     setattr(inner, ADAPTER_CFG_ATTR, record)
     if hasattr(type(inner), "init_weights"):
