@@ -1,0 +1,90 @@
+"""The GPU benchmark scripts run end to end on the CPU in their tiny modes, and their tables
+hold a row per variant with finite numbers: the scripts whose tables the README quotes
+cannot rot unnoticed between GPU sessions."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPTERS = ["LoRA r16", "FLoRA r16", "FourierFT n3000", "FoRA r64 n8000"]
+
+
+def run_tool(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of the markdown table under the first heading line containing ``heading``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("###") and heading in line)
+    rows = []
+    for line in lines[start + 1 :]:
+        if line.startswith("###"):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows[1:]  # without the header
+
+
+def number(cell: str) -> float:
+    return float(cell.rstrip("x").replace(",", ""))
+
+
+def test_backbone_benchmark_tiny_run():
+    out = run_tool(
+        "tools/benchmark.py",
+        *("--tiny", "--device", "cpu", "--only", "ViT"),
+        *("--warmup", "1", "--iters", "2", "--amp-steps", "2"),
+    )
+    training = {row[1]: row for row in table_rows(out, "Training step")}
+    assert set(training) == {"floor (frozen)", "full FT", *ADAPTERS}
+    assert number(training["floor (frozen)"][4]) == pytest.approx(1.0)
+    for row in training.values():
+        assert number(row[3]) > 0 and math.isfinite(number(row[5]))
+    assert number(training["floor (frozen)"][2]) == 0  # the floor trains nothing
+
+    inference = {row[1]: row for row in table_rows(out, "Inference")}
+    assert set(inference) == set(ADAPTERS)
+    for row in inference.values():
+        base_ms, merged_ms, rel_diff = number(row[2]), number(row[3]), number(row[8])
+        assert base_ms > 0 and merged_ms > 0
+        assert rel_diff < 1e-2  # merged vs unmerged outputs under bf16
+
+    amp = table_rows(out, "AMP training")
+    assert {row[1] for row in amp} == set(ADAPTERS)
+    assert all(row[5] == "ok" for row in amp)
+    for row in amp:  # every adapter tensor moved
+        updated, total = row[4].split("/")
+        assert int(updated) == int(total) > 0
+
+
+@pytest.mark.parametrize(
+    "preset, only, expected",
+    [
+        ("maskrcnn", ["FLoRA"], ["FLoRA r16"]),
+        ("vit-upernet", [], ["LoRA r16", "FourierFT n3000", "FoRA r64 n8000"]),
+        ("internvit6b", [], ["InternViT-6B FLoRA r16 (bf16 frozen, with_cp)"]),
+    ],
+)
+def test_model_benchmark_tiny_run(preset: str, only: list[str], expected: list[str]):
+    flags = ["--only", *only] if only else []
+    out = run_tool(
+        "tools/benchmark_model.py",
+        *("--preset", preset, "--tiny", "--device", "cpu"),
+        *("--warmup", "1", "--iters", "1", "--batch", "2", "--size", "64", *flags),
+    )
+    rows = table_rows(out, "training step")
+    assert [row[0] for row in rows] == expected
+    for row in rows:
+        assert number(row[1]) > 0  # trainable parameters
+        assert number(row[2]) > 0  # step time
