@@ -136,16 +136,7 @@ def time_interleaved(
 
 def time_steps(step: Callable[[], None], device: str, warmup: int, iters: int) -> float:
     """Median wall time of one step in milliseconds, synchronised around each step."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return time_interleaved([step], device, warmup, iters, rounds=1)[0]
 
 
 class Features(nn.Module):
