@@ -1,27 +1,33 @@
 """mm_spectral: spectral and tensor adapters (FLoRA, FourierFT, FoRA, LoRA) for vision
-backbones, with OpenMMLab integration in ``mm_spectral.models`` and ``mm_spectral.hooks``.
+backbones.
+
+This package is the torch-only core: ``import mm_spectral`` needs PyTorch alone and works on
+any ``nn.Module``. The OpenMMLab layer (registered backbones, ``AdaptedBackbone``, hooks,
+checkpoint tools) is :mod:`mm_spectral.openmmlab`, the ``custom_imports`` target of configs.
 """
 
-import importlib.util
+import sys
 
-from .adapters import ADAPTERS, FLoRA, FoRA, FourierFT, LoRA
-from .inject import (
+from .adapters import ADAPTERS, FLoRA, FoRA, FourierFT, LoRA, register_adapter
+from .delta_stats import delta_stats
+from .inject import freeze, inject, merge, remove_adapters, unmerge
+from .report import parameter_counts, trainable_report
+from .state import (
     adapted_layers,
     adapter_state_dict,
-    freeze,
-    inject,
+    atomic_save,
+    is_adapter_key,
     load_adapter_state_dict,
-    merge,
-    remove_adapters,
-    trainable_report,
-    unmerge,
+    load_checkpoint_file,
+    merged_state_dict,
 )
 
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("mmengine") is not None:
-    # OpenMMLab layer: registers backbones, AdaptedBackbone, hooks, optimizer constructor.
-    from . import registration  # noqa: F401
+if "mmengine" in sys.modules:
+    # Configs written before the split name 'mm_spectral' in custom_imports; MMEngine is
+    # loaded by the time it imports them, so register the OpenMMLab layer for them too.
+    from . import openmmlab  # noqa: F401
 
 __all__ = [
     "ADAPTERS",
@@ -29,12 +35,19 @@ __all__ = [
     "FoRA",
     "FourierFT",
     "LoRA",
-    "adapter_state_dict",
     "adapted_layers",
+    "adapter_state_dict",
+    "atomic_save",
+    "delta_stats",
     "freeze",
     "inject",
+    "is_adapter_key",
     "load_adapter_state_dict",
+    "load_checkpoint_file",
     "merge",
+    "merged_state_dict",
+    "parameter_counts",
+    "register_adapter",
     "remove_adapters",
     "trainable_report",
     "unmerge",

@@ -7,17 +7,14 @@ exactly as it was.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .adapters import ADAPTABLE_TYPES, ADAPTERS, BaseAdapter, LayerSpec, adapted_class, is_adapted
-from .adapters.base import AdaptedLayerMixin
-
-ADAPTER_KEY = "adapter"
+from .state import ADAPTER_KEY, adapted_layers, finite_deltas, is_adapter_key
 
 
 def _as_patterns(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -36,7 +33,7 @@ def build_adapter(name: str, layer: nn.Module, cfg: Mapping[str, Any]) -> BaseAd
         cfg.pop(key, None)
     spec = LayerSpec.of(name, layer)
     try:
-        return ADAPTERS[method](spec, weight_dtype=layer.weight.dtype, **cfg)
+        return ADAPTERS[method](spec, **cfg)
     except TypeError as err:  # an unknown hyper-parameter name
         raise TypeError(f"{method} on layer '{name}': {err}") from None
 
@@ -67,7 +64,7 @@ def find_targets(module: nn.Module, patterns: list[str]) -> list[str]:
 def inject(module: nn.Module, cfg: Mapping[str, Any]) -> list[str]:
     """Give every targeted Linear/Conv2d of ``module`` an adapter; return their names.
 
-    ``cfg``: ``type`` ('LoRA' | 'FLoRA' | 'FourierFT' | 'FoRA'), ``targets`` (regexes that
+    ``cfg``: ``type`` (a registered method: 'LoRA', 'FLoRA', 'FourierFT', 'FoRA'), ``targets`` (regexes that
     must fully match module names), optional ``trainable`` (regexes over parameter names
     that stay trainable, e.g. norms), and the method's hyper-parameters. Afterwards only
     adapter parameters and ``trainable`` matches require grad.
@@ -95,7 +92,7 @@ def freeze(module: nn.Module, trainable: list[str] | None = None) -> None:
     fully matched) keep requires_grad; everything else of ``module`` is frozen."""
     keep = _match_parameters(module, _as_patterns(trainable))
     for name, param in module.named_parameters():
-        param.requires_grad_(_is_adapter_key(name) or name in keep)
+        param.requires_grad_(is_adapter_key(name) or name in keep)
 
 
 def _match_parameters(module: nn.Module, patterns: list[str]) -> set[str]:
@@ -110,26 +107,12 @@ def _match_parameters(module: nn.Module, patterns: list[str]) -> set[str]:
     return selected
 
 
-def _is_adapter_key(key: str) -> bool:
-    return f".{ADAPTER_KEY}." in key or key.startswith(f"{ADAPTER_KEY}.")
-
-
-def adapted_layers(module: nn.Module) -> Iterator[tuple[str, AdaptedLayerMixin]]:
-    """(name, layer) for every adapted layer of ``module``."""
-    for name, layer in module.named_modules():
-        if is_adapted(layer):
-            yield name, layer  # type: ignore[misc]
-
-
 @torch.no_grad()
 def merge(module: nn.Module) -> None:
     """Fold every ΔW into its weight; all-or-nothing if some ΔW is not finite."""
-    layers = [(name, layer) for name, layer in adapted_layers(module) if not layer.merged]
-    bad = [name for name, layer in layers if not torch.isfinite(layer.adapter.delta_weight()).all()]
-    if bad:
-        raise ValueError(f"ΔW is not finite in {bad}; nothing was merged")
-    for _, layer in layers:
-        layer.merge()
+    deltas = finite_deltas(module)
+    for name, delta in deltas.items():
+        module.get_submodule(name).merge(delta)
 
 
 def unmerge(module: nn.Module) -> None:
@@ -148,80 +131,8 @@ def remove_adapters(module: nn.Module, merge_first: bool = True) -> None:
         layer.__class__ = type(layer).__mro__[2]  # Adapted<X> → (mixin, X): back to X
 
 
-def adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """Only the adapter tensors of ``module`` (keys contain '.adapter.'), entries included."""
-    return {k: v for k, v in module.state_dict().items() if _is_adapter_key(k)}
-
-
-def load_adapter_state_dict(module: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Load adapter tensors after checking that they fit, layer by layer; all-or-nothing."""
-    own = adapter_state_dict(module)
-    by_layer_own, by_layer_new = _group_by_layer(own), _group_by_layer(state)
-    problems: list[str] = []
-    for layer in sorted(set(by_layer_own) | set(by_layer_new)):
-        mine, theirs = by_layer_own.get(layer, {}), by_layer_new.get(layer, {})
-        if not mine:
-            problems.append(f"'{layer}': the model has no adapter there")
-            continue
-        if not theirs:
-            problems.append(f"'{layer}': the state has no tensors for its adapter")
-            continue
-        if set(mine) != set(theirs):
-            method = _adapter_at(module, layer).method
-            problems.append(
-                f"'{layer}': state keys {sorted(theirs)} do not fit the model's {method} "
-                f"adapter (keys {sorted(mine)}); was it saved from another method?"
-            )
-            continue
-        for key, tensor in theirs.items():
-            if tuple(tensor.shape) != tuple(mine[key].shape):
-                problems.append(
-                    f"'{layer}': {key} has shape {tuple(tensor.shape)}, "
-                    f"the model's is {tuple(mine[key].shape)}"
-                )
-            elif key.endswith("indices") and not torch.equal(tensor.cpu(), mine[key].cpu()):
-                problems.append(
-                    f"'{layer}': spectral entries {key} differ from the model's "
-                    f"(saved with another seed or n?)"
-                )
-    if problems:
-        raise ValueError("adapter state does not fit the model:\n  " + "\n  ".join(problems))
-    module.load_state_dict(dict(state), strict=False)
-
-
-def _group_by_layer(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """{layer name: {adapter tensor name: tensor}} from '<layer>.adapter.<tensor>' keys."""
-    grouped: dict[str, dict[str, Tensor]] = defaultdict(dict)
-    for key, tensor in state.items():
-        layer, sep, name = key.rpartition(f".{ADAPTER_KEY}.")
-        if not sep:  # the root module itself is the adapted layer: 'adapter.<tensor>'
-            layer, name = "", key.removeprefix(f"{ADAPTER_KEY}.")
-        grouped[layer][name] = tensor
-    return grouped
-
-
-def _adapter_at(module: nn.Module, layer_name: str) -> BaseAdapter:
-    return module.get_submodule(layer_name).adapter if layer_name else module.adapter
-
-
-def trainable_report(module: nn.Module) -> str:
-    """A table of trainable parameters per adapted layer type, totals and model share."""
-    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    adapter_params = 0
-    for _, layer in adapted_layers(module):
-        count = sum(p.numel() for p in layer.adapter.parameters() if p.requires_grad)
-        row = rows[(layer.adapter.method, layer.adapter.spec.type_label)]
-        row[0] += 1
-        row[1] += count
-        adapter_params += count
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    lines = [f"{'adapter':<10} {'layer type':<22} {'layers':>7} {'trainable':>14}"]
-    lines += [
-        f"{method:<10} {label:<22} {n:>7} {count:>14,}"
-        for (method, label), (n, count) in sorted(rows.items())
-    ]
-    lines.append(f"{'other trainable (not adapters)':<41} {trainable - adapter_params:>14,}")
-    share = 100.0 * trainable / max(total, 1)
-    lines.append(f"{'total trainable':<41} {trainable:>14,} of {total:,} ({share:.3f}%)")
-    return "\n".join(lines)
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    """Store every floating parameter that does not require grad in ``dtype`` (in place)."""
+    for param in module.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)

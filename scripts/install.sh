@@ -15,6 +15,6 @@ $V -m pip install -q torch==2.14.1 torchvision==0.29.1 "setuptools<80"
 if ! $V -c "import mmcv.ops" 2>/dev/null; then
   PY=$V bash scripts/build_mmcv.sh
 fi
-$V -m pip install -q -e ".[dev]"
+$V -m pip install -q -e ".[openmmlab,dev]"
 $V -c "import torch, mmcv.ops, mmdet, mmseg, mmrotate, timm, mm_spectral; print('[install] ok: torch', torch.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| mmrotate', mmrotate.__version__, '| timm', timm.__version__)"
 touch .venv/.installed

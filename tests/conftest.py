@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+# tools/ (generated data, converters, benchmark helpers) is imported as a package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

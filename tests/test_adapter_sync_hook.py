@@ -15,7 +15,7 @@ from torch import nn
 pytest.importorskip("mmengine")
 
 import mm_spectral  # noqa: E402
-from mm_spectral.hooks import AdapterSyncCheckHook  # noqa: E402
+from mm_spectral.openmmlab.hooks import AdapterSyncCheckHook  # noqa: E402
 
 
 def _free_port() -> int:

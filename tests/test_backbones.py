@@ -19,11 +19,9 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 import mm_spectral
-from mm_spectral.models.backbones import ConvNeXtV2, InternViT6B, InternViT300M, TimmViT, converters
-from mm_spectral.models.backbones import convnextv2 as convnextv2_module
-from mm_spectral.models.backbones import internvit6b as internvit6b_module
-from mm_spectral.models.backbones import vit as vit_module
-from mm_spectral.models.backbones.internvit6b import resample_position_embedding
+from mm_spectral.openmmlab.backbones import ConvNeXtV2, InternViT6B, InternViT300M, TimmViT
+from mm_spectral.openmmlab.backbones.internvit6b import resample_position_embedding
+from tools.convert import converters
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = dict(
@@ -230,21 +228,17 @@ def test_checkpoint_on_another_grid_is_resampled_at_load(family):
 
 @pytest.mark.parametrize("family", ["convnext", "vit", "internvit6b"])
 def test_with_cp_same_outputs_and_grads(family, monkeypatch):
-    module, build = {
-        "convnext": (
-            convnextv2_module,
-            lambda cp: ConvNeXtV2("atto", drop_path_rate=0.2, with_cp=cp),
-        ),
-        "vit": (vit_module, lambda cp: TimmViT(**TINY_VIT, drop_path_rate=0.2, with_cp=cp)),
-        "internvit6b": (
-            internvit6b_module,
-            lambda cp: InternViT6B(**TINY_INTERN, drop_path_rate=0.2, with_cp=cp),
-        ),
+    build = {
+        "convnext": lambda cp: ConvNeXtV2("atto", drop_path_rate=0.2, with_cp=cp),
+        "vit": lambda cp: TimmViT(**TINY_VIT, drop_path_rate=0.2, with_cp=cp),
+        "internvit6b": lambda cp: InternViT6B(**TINY_INTERN, drop_path_rate=0.2, with_cp=cp),
     }[family]
     calls = []
-    real_checkpoint = module.checkpoint
+    real_checkpoint = torch.utils.checkpoint.checkpoint  # what timm's checkpoint_seq calls
     monkeypatch.setattr(
-        module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k)
+        torch.utils.checkpoint,
+        "checkpoint",
+        lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k),
     )
     torch.manual_seed(0)
     plain = build(False).train()
@@ -374,11 +368,12 @@ def test_convnext_official_converter_loads_strictly_and_computes_the_official_fo
 
 
 def test_convnext_converter_refuses_unknown_and_sparse_keys():
+    shapes = converters.convnextv2_timm_shapes("atto")
     with pytest.raises(KeyError, match="stages.0.0.gamma"):
-        converters.convnextv2_official_to_timm({"stages.0.0.gamma": torch.ones(3)})
+        converters.convnextv2_official_to_timm({"stages.0.0.gamma": torch.ones(3)}, shapes)
     with pytest.raises(ValueError, match="FCMAE"):
         converters.convnextv2_official_to_timm(
-            {"encoder.stages.0.0.dwconv.kernel": torch.ones(49, 3)}
+            {"encoder.stages.0.0.dwconv.kernel": torch.ones(49, 3)}, shapes
         )
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mm_spectral
-from mm_spectral.compile_blocks import compile_modules
+from tools.compile_blocks import compile_modules
 
 
 def tiny_model() -> nn.Module:

@@ -20,7 +20,7 @@ pytest.importorskip("mmrotate")
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import DefaultScope, init_default_scope  # noqa: E402
 
-import mm_spectral  # noqa: E402,F401  (registers the project's classes)
+import mm_spectral.openmmlab  # noqa: E402,F401  (registers the project's classes)
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p for p in CONFIG_ROOT.rglob("*.py") if "_base_" not in p.parts)
@@ -48,7 +48,7 @@ def test_config_builds_its_model(path):
     cfg = Config.fromfile(str(path))
     scope = cfg.default_scope
     assert scope in ("mmdet", "mmseg", "mmrotate"), f"{path.name}: default_scope {scope!r}"
-    assert "mm_spectral" in cfg.custom_imports["imports"]
+    assert "mm_spectral.openmmlab" in cfg.custom_imports["imports"]
     importlib.import_module(f"{scope}.utils").register_all_modules(init_default_scope=False)
     shrink(cfg)
     with DefaultScope.overwrite_default_scope(scope):

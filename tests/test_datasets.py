@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
-from mm_spectral.datasets import dota_split as ds
-from mm_spectral.datasets import synthetic_shapes as ss
+from tools.data import dota_patches as ds
+from tools.data import synthetic_shapes as ss
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "_base_"
@@ -540,7 +540,9 @@ def test_bases_compose_and_schedules_build(tmp_path):
         )
         cfg = Config.fromfile(str(path))
         assert cfg.default_scope == scope
-        assert cfg.custom_imports == dict(imports=["mm_spectral"], allow_failed_imports=False)
+        assert cfg.custom_imports == dict(
+            imports=["mm_spectral.openmmlab"], allow_failed_imports=False
+        )
         assert (
             cfg.default_hooks.logger.interval == 50
             and cfg.default_hooks.checkpoint.type == "CheckpointHook"

@@ -94,9 +94,9 @@ def test_autocast_bf16_on_cpu(case):
 def test_delta_weight_follows_the_weight_dtype(case):
     _, _, model, _ = case
     model.to(torch.float64)
-    assert model.layer.adapter.delta_weight().dtype == torch.float64
+    assert model.layer.delta_weight().dtype == torch.float64
     model.to(torch.bfloat16)
-    assert model.layer.adapter.delta_weight().dtype == torch.bfloat16
+    assert model.layer.delta_weight().dtype == torch.bfloat16
 
 
 def test_adapter_state_dict_round_trip(case):

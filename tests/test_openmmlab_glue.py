@@ -13,10 +13,13 @@ import logging
 import math
 import os
 import os.path as osp
+import pickle
 import uuid
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,16 +35,16 @@ from mmengine.registry import DATASETS, METRICS, MODELS, DefaultScope  # noqa: E
 from torch.utils.data import Dataset  # noqa: E402
 
 import mm_spectral  # noqa: E402
-from mm_spectral.checkpoint import (  # noqa: E402
+import mm_spectral.openmmlab  # noqa: E402,F401  (registers)
+from mm_spectral.delta_stats import amplification, delta_stats, top_singular_vectors  # noqa: E402
+from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
     adapter_checkpoint,
     load_adapter_checkpoint,
-    load_checkpoint_file,
     merge_checkpoint,
-    merged_state_dict,
     plain_config,
 )
-from mm_spectral.hooks import AdapterHook, amplification, delta_stats  # noqa: E402
-from mm_spectral.hooks.delta_stats_hook import top_singular_vectors  # noqa: E402
+from mm_spectral.openmmlab.hooks import AdapterHook  # noqa: E402
+from mm_spectral.state import load_checkpoint_file, merged_state_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [r"stem", r"blocks\.[01]", r"fc"]
@@ -362,7 +365,7 @@ def test_delta_stats_zero_then_positive_and_leave_rng_alone():
 def test_mmengine_loads_runner_style_checkpoints_on_new_torch(tmp_path):
     from mmengine.runner.checkpoint import _load_checkpoint
 
-    from mm_spectral.compat import patch_mmengine_torch_load
+    from mm_spectral.openmmlab.compat import patch_mmengine_torch_load
 
     assert patch_mmengine_torch_load() == patch_mmengine_torch_load()  # idempotent
     buffer = HistoryBuffer()
@@ -371,8 +374,24 @@ def test_mmengine_loads_runner_style_checkpoints_on_new_torch(tmp_path):
     torch.save(
         dict(state_dict={"w": torch.ones(2)}, message_hub=dict(log_scalars={"x": buffer})), path
     )
-    ckpt = _load_checkpoint(path, map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loads with weights_only=True: no fallback warning
+        ckpt = _load_checkpoint(path, map_location="cpu")
     assert ckpt["message_hub"]["log_scalars"]["x"].current() == 1.5
+
+
+class _GetattrPayload:
+    """Pickles as getattr(numpy.ndarray, 'tofile'): a getattr HistoryBuffer never needs."""
+
+    def __reduce__(self):
+        return (getattr, (np.ndarray, "tofile"))
+
+
+def test_the_allowed_getattr_serves_history_buffers_only(tmp_path):
+    path = tmp_path / "payload.pth"
+    torch.save({"x": _GetattrPayload()}, path)
+    with pytest.raises(pickle.UnpicklingError, match="getattr"):
+        torch.load(path, weights_only=True)
 
 
 # ---------------------------------------------------------------- a real Runner

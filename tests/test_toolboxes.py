@@ -19,9 +19,13 @@ pytest.importorskip("mmrotate")
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-import mm_spectral  # noqa: E402,F401
-from mm_spectral.checkpoint import build_model, merge_checkpoint  # noqa: E402
-from mm_spectral.datasets import make_shapes_ade, make_shapes_coco, make_shapes_dota  # noqa: E402
+import mm_spectral  # noqa: E402
+from mm_spectral.openmmlab import build_model, merge_checkpoint  # noqa: E402
+from tools.data.synthetic_shapes import (  # noqa: E402
+    make_shapes_ade,
+    make_shapes_coco,
+    make_shapes_dota,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {

@@ -19,18 +19,22 @@ import copy
 import gc
 import json
 import math
+import os.path as osp
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import timm
-import torch
-from torch import nn
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
 
-import mm_spectral
-from mm_spectral.compile_blocks import compile_modules
-from mm_spectral.cuda_graph import enable_cuda_graph
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mm_spectral  # noqa: E402
+from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
+from tools.compile_blocks import compile_modules  # noqa: E402
 
 CONVNEXT_TARGETS = [
     r"stem\.0",

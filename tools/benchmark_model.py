@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os.path as osp
 import statistics
+import sys
 import time
 
-import torch
-from mmengine.config import Config
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
 
-import mm_spectral  # noqa: F401  (registers the project's classes)
-from mm_spectral.cuda_graph import enable_cuda_graph
+import torch  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+
+import mm_spectral.openmmlab  # noqa: E402,F401  (registers the project's classes)
+from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 
 VARIANTS = {
     "floor (Base, frozen)": "configs/coco/mask-rcnn_convnextv2-l-base_fpn_8xb4-1x_coco.py",
@@ -102,7 +106,7 @@ def synthetic_batch(batch: int, size: int, num_classes: int, device: str, seed: 
 
 
 def time_config(path: str, args) -> tuple[float, float, int]:
-    from mm_spectral.checkpoint import build_model
+    from mm_spectral.openmmlab import build_model
 
     gc.collect()  # the previous variant (a graphed backbone holds a reference cycle)
     if args.device.startswith("cuda"):

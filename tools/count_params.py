@@ -18,9 +18,8 @@ import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from torch import nn  # noqa: E402
 
-import mm_spectral  # noqa: E402,F401
-from mm_spectral import trainable_report  # noqa: E402
-from mm_spectral.checkpoint import build_model  # noqa: E402
+from mm_spectral import parameter_counts, trainable_report  # noqa: E402
+from mm_spectral.openmmlab import build_model  # noqa: E402
 
 
 def build(cfg: Config, device: str) -> tuple[nn.Module, str]:
@@ -32,16 +31,6 @@ def build(cfg: Config, device: str) -> tuple[nn.Module, str]:
         except Exception as err:  # noqa: BLE001  (any op that needs real data)
             print(f"  (cannot build on the meta device: {type(err).__name__}: {err}; using CPU)")
     return build_model(cfg), "cpu"
-
-
-def counts(model: nn.Module) -> dict[str, int]:
-    """Adapter, trainable and total parameter counts (shared parameters once)."""
-    named = dict(model.named_parameters())
-    return dict(
-        adapter=sum(p.numel() for n, p in named.items() if ".adapter." in f".{n}"),
-        trainable=sum(p.numel() for p in named.values() if p.requires_grad),
-        total=sum(p.numel() for p in named.values()),
-    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -58,7 +47,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cfg.merge_from_dict(args.cfg_options)
         print(f"== {path}")
         model, device = build(cfg, args.device)
-        row = dict(config=path, **counts(model))
+        row = dict(config=path, **parameter_counts(model))
         print(trainable_report(model))
         share = 100.0 * row["trainable"] / max(row["total"], 1)
         print(

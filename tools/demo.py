@@ -24,9 +24,8 @@ import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-import mm_spectral  # noqa: E402,F401
-from mm_spectral.checkpoint import merge_checkpoint, plain_config  # noqa: E402
-from mm_spectral.datasets import make_shapes_coco  # noqa: E402
+from mm_spectral.openmmlab import merge_checkpoint, plain_config  # noqa: E402
+from tools.data.synthetic_shapes import make_shapes_coco  # noqa: E402
 
 DEMO_CONFIG = "configs/demo/mask-rcnn_r18-flora_fpn_1xb8-shapes.py"
 METRICS = ("coco/bbox_mAP", "coco/bbox_mAP_50", "coco/segm_mAP", "coco/segm_mAP_50")

@@ -17,11 +17,10 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-import mm_spectral  # noqa: E402,F401  (registration + the torch.load fix)
-from mm_spectral.checkpoint import load_checkpoint_file, merge_checkpoint  # noqa: E402
+from mm_spectral.openmmlab.checkpoint import merge_checkpoint  # noqa: E402
+from mm_spectral.state import atomic_save, atomic_write_text, load_checkpoint_file  # noqa: E402
 
 INFERENCERS = {
     "mmdet": "from mmdet.apis import DetInferencer\n"
@@ -47,16 +46,16 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-    ckpt = load_checkpoint_file(args.checkpoint)
+    ckpt = load_checkpoint_file(args.checkpoint, mmap=True)
     state, plain_cfg = merge_checkpoint(cfg, ckpt)
     meta = {k: v for k, v in ckpt.get("meta", {}).items() if k != "adapter_only"}
     meta.update(merged_from=osp.abspath(args.checkpoint), adapter_config=osp.abspath(args.config))
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = osp.join(args.out_dir, "merged.pth")
-    torch.save(dict(state_dict=state, meta=meta), ckpt_path)
+    atomic_save(dict(state_dict=state, meta=meta), ckpt_path)
     name = osp.splitext(osp.basename(args.config))[0]
     cfg_path = osp.join(args.out_dir, f"{name}_merged.py")
-    plain_cfg.dump(cfg_path)
+    atomic_write_text(plain_cfg.pretty_text, cfg_path)
     print(f"merged checkpoint ({len(state)} tensors, plain keys): {ckpt_path}")
     print(f"adapter-free config: {cfg_path}")
     print("stock inference, no adapter code in the loop:")

@@ -16,19 +16,18 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.model import is_model_wrapper  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-import mm_spectral  # noqa: E402,F401  (registration + the torch.load fix)
-from mm_spectral.checkpoint import (  # noqa: E402
+from mm_spectral.openmmlab import init_toolbox  # noqa: E402  (registers; fixes torch.load)
+from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
     is_adapter_checkpoint,
     load_adapter_checkpoint,
     require_pretrained_base,
 )
-from mm_spectral.registration import init_toolbox  # noqa: E402
+from mm_spectral.state import load_checkpoint_file  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,10 +72,7 @@ def peek_checkpoint(path: str) -> dict | None:
     """The checkpoint if it is an adapter-only one, else None (memory-mapped peek)."""
     if not osp.isfile(path):  # a URL or another backend: MMEngine's loaders handle it
         return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except (RuntimeError, ValueError):  # not a zip-format file: no mmap
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(path, mmap=True)
     return ckpt if isinstance(ckpt, dict) and is_adapter_checkpoint(ckpt) else None
 
 

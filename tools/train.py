@@ -19,8 +19,7 @@ from mmengine.logging import print_log  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-import mm_spectral  # noqa: E402,F401  (registration + the torch.load fix, before any loading)
-from mm_spectral.registration import init_toolbox  # noqa: E402
+from mm_spectral.openmmlab import init_toolbox  # noqa: E402  (registers; fixes torch.load)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 # mmdet's default runtime, plus the import that registers mm_spectral's classes.
 default_scope = 'mmdet'
-custom_imports = dict(imports=['mm_spectral'], allow_failed_imports=False)
+custom_imports = dict(imports=['mm_spectral.openmmlab'], allow_failed_imports=False)
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),

@@ -1,6 +1,6 @@
 # mmrotate 1.x's default runtime, plus the import that registers mm_spectral's classes.
 default_scope = 'mmrotate'
-custom_imports = dict(imports=['mm_spectral'], allow_failed_imports=False)
+custom_imports = dict(imports=['mm_spectral.openmmlab'], allow_failed_imports=False)
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),

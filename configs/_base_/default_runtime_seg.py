@@ -1,7 +1,7 @@
 # mmseg's default runtime with its iteration-based hooks (checkpoint every 16k iterations,
 # as mmseg's 160k schedule), plus the import that registers mm_spectral's classes.
 default_scope = 'mmseg'
-custom_imports = dict(imports=['mm_spectral'], allow_failed_imports=False)
+custom_imports = dict(imports=['mm_spectral.openmmlab'], allow_failed_imports=False)
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),

@@ -1,12 +1,22 @@
-"""Adapter mathematics in plain PyTorch: one file per method, a shared contract in base.py."""
+"""Adapter mathematics in plain PyTorch: one file per method, the contract in base.py.
 
-from .base import ADAPTABLE_TYPES, BaseAdapter, LayerSpec, LowRankAdapter, adapted_class, is_adapted
-from .flora import FLoRA, tucker_product
+Importing this package registers every method in :data:`ADAPTERS` (by config ``type``).
+"""
+
+from .base import (
+    ADAPTABLE_TYPES,
+    ADAPTERS,
+    BaseAdapter,
+    LayerSpec,
+    LowRankAdapter,
+    adapted_class,
+    is_adapted,
+    register_adapter,
+)
+from .flora import FLoRA
 from .fora import FoRA
 from .fourierft import FourierFT
 from .lora import LoRA
-
-ADAPTERS: dict[str, type[BaseAdapter]] = {cls.method: cls for cls in (LoRA, FLoRA, FourierFT, FoRA)}
 
 __all__ = [
     "ADAPTABLE_TYPES",
@@ -20,5 +30,5 @@ __all__ = [
     "LowRankAdapter",
     "adapted_class",
     "is_adapted",
-    "tucker_product",
+    "register_adapter",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,22 @@ from torch import Tensor, nn
 from .functional import delta_linear, low_rank_linear
 
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+ADAPTERS: dict[str, type[BaseAdapter]] = {}
+"""Every adapter method by its config ``type`` name, filled by :func:`register_adapter`."""
+
+AdapterClass = TypeVar("AdapterClass", bound="type[BaseAdapter]")
+
+
+def register_adapter(cls: AdapterClass) -> AdapterClass:
+    """Class decorator: make ``cls`` buildable as ``dict(type=cls.method, ...)``."""
+    if not cls.method:
+        raise TypeError(f"{cls.__name__} needs a non-empty `method` name to be registered")
+    known = ADAPTERS.get(cls.method)
+    if known is not None and known is not cls:
+        raise ValueError(f"adapter type {cls.method!r} is already registered by {known.__name__}")
+    ADAPTERS[cls.method] = cls
+    return cls
 
 
 @dataclass(frozen=True)
@@ -78,26 +94,29 @@ def layer_op(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -
 class BaseAdapter(nn.Module):
     """Parameters of one layer's weight change ΔW.
 
-    Subclasses implement :meth:`delta` (ΔW in float32 or the parameters' dtype, any shape
-    that reshapes to the weight). The default forward is the dense path, one op with
+    Subclasses set ``method`` (the config ``type``), register with :func:`register_adapter`
+    and implement :meth:`delta` (ΔW in float32 or the parameters' dtype, any shape that
+    reshapes to the weight). The default forward is the dense path, one op with
     ``W0 + ΔW``; low-rank methods override it with a factored path.
     """
 
     method: ClassVar[str] = ""
+    # Buffers fixed at construction (spectral entries drawn from a seed): a state dict
+    # loads only if they equal the model's, since the coefficients mean nothing elsewhere.
+    fixed_buffers: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, spec: LayerSpec, weight_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, spec: LayerSpec) -> None:
         super().__init__()
         self.spec = spec
-        # Tracked by the adapted layer (see AdaptedLayerMixin._apply) so that ΔW comes back
-        # in the weight's dtype even when the adapter's own parameters are kept in float32.
-        self.weight_dtype = weight_dtype
 
     def delta(self) -> Tensor:
         raise NotImplementedError
 
-    def delta_weight(self) -> Tensor:
-        """ΔW with the base weight's shape and dtype, scale included."""
-        return self.delta().reshape(self.spec.weight_shape).to(self.weight_dtype)
+    def delta_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """ΔW with the base weight's shape, scale included, in ``dtype`` (the host layer
+        passes its weight's; None keeps the adapter's compute dtype)."""
+        delta = self.delta().reshape(self.spec.weight_shape)
+        return delta if dtype is None else delta.to(dtype)
 
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
         """Output of ``layer`` with weight ``W0 + ΔW``: one op, ΔW built once."""
@@ -160,15 +179,24 @@ class AdaptedLayerMixin:
         # than a small adapter's arithmetic, and adapters carry no hooks.
         return self.adapter.forward(x, self)
 
+    def delta_weight(self) -> Tensor:
+        """ΔW of this layer in its weight's shape and dtype, scale included."""
+        return self.adapter.delta_weight(self.weight.dtype)  # type: ignore[attr-defined]
+
     @torch.no_grad()
-    def merge(self) -> None:
-        """Add ΔW to the weight (idempotent); refuses a non-finite ΔW."""
-        if self.merged:
-            return
-        delta = self.adapter.delta_weight()
+    def finite_delta(self) -> Tensor:
+        """:meth:`delta_weight`, detached; raises naming the layer if it is not finite."""
+        delta = self.delta_weight()
         if not torch.isfinite(delta).all():
             raise ValueError(f"ΔW of layer '{self.adapter.spec.name}' is not finite; not merged")
-        self.weight.add_(delta)  # type: ignore[attr-defined]
+        return delta
+
+    @torch.no_grad()
+    def merge(self, delta: Tensor | None = None) -> None:
+        """Add ΔW (or the given, already checked ``delta``) to the weight; idempotent."""
+        if self.merged:
+            return
+        self.weight.add_(self.finite_delta() if delta is None else delta)  # type: ignore[attr-defined]
         self.merged = True
 
     @torch.no_grad()
@@ -176,18 +204,13 @@ class AdaptedLayerMixin:
         """Subtract the current ΔW from the weight again (idempotent)."""
         if not self.merged:
             return
-        self.weight.sub_(self.adapter.delta_weight())  # type: ignore[attr-defined]
+        self.weight.sub_(self.delta_weight())  # type: ignore[attr-defined]
         self.merged = False
 
     def __reduce_ex__(self, protocol: int):
         # Adapted<X> classes are made at run time, so pickle cannot find them by name:
         # rebuild from the plain class X instead (torch.save(model), deepcopy, spawn).
         return (_new_adapted, (type(self).__mro__[2],), self.__dict__)
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
-        self.adapter.weight_dtype = self.weight.dtype  # type: ignore[attr-defined]
-        return result
 
 
 @functools.cache
@@ -202,4 +225,5 @@ def _new_adapted(base_cls: type[nn.Module]) -> nn.Module:
 
 
 def is_adapted(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer that carries an adapter (made by ``inject``)."""
     return isinstance(module, AdaptedLayerMixin)

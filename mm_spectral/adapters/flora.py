@@ -6,30 +6,13 @@ factor per mode (2 for a linear weight, 4 for a conv weight (out, in/groups, kh,
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerSpec, LowRankAdapter, check_positive
-
-
-def tucker_product(core: Tensor, factors: Sequence[Tensor | None]) -> Tensor:
-    """core ×₁ factors[0] ×₂ factors[1] …, factor n of shape (I_n, J_n); None keeps mode n."""
-    letters = string.ascii_lowercase
-    modes = len(factors)
-    core_idx = letters[:modes]
-    out_idx = "".join(
-        core_idx[n] if factor is None else letters[modes + n] for n, factor in enumerate(factors)
-    )
-    terms, operands = [core_idx], [core]
-    for n, factor in enumerate(factors):
-        if factor is not None:
-            terms.append(out_idx[n] + core_idx[n])
-            operands.append(factor)
-    return torch.einsum(f"{','.join(terms)}->{out_idx}", *operands)
+from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
 
 
 class _ConvTuckerDown(torch.autograd.Function):
@@ -73,6 +56,7 @@ def conv_tucker_down(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0
     return _ConvTuckerDown.apply(core, factors[1], factors[2], factors[3], float(scale))
 
 
+@register_adapter
 class FLoRA(LowRankAdapter):
     """N-mode Tucker adapter, ΔW = scale · core ×₁ factors[0] ×₂ … (mode-n products).
 
@@ -100,9 +84,8 @@ class FLoRA(LowRankAdapter):
         rank: int = 8,
         kernel_rank: int = 2,
         scale: float = 1.0,
-        **kwargs,
     ) -> None:
-        super().__init__(spec, **kwargs)
+        super().__init__(spec)
         check_positive(spec, self.method, rank=rank, kernel_rank=kernel_rank)
         self.rank, self.kernel_rank, self.scale = rank, kernel_rank, scale
         mode_ranks = [rank, rank] + [kernel_rank] * (len(spec.weight_shape) - 2)

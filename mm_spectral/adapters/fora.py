@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import LayerSpec, LowRankAdapter, check_positive
+from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
 from .spectral import (
     half_spectrum_positions,
     hermitian_weights,
@@ -16,6 +16,7 @@ from .spectral import (
 )
 
 
+@register_adapter
 class FoRA(LowRankAdapter):
     """ΔW = scale · B A with A = Re(ifft2(F_A)) (rank × fan_in), B = Re(ifft2(F_B)) (out × rank).
 
@@ -34,6 +35,7 @@ class FoRA(LowRankAdapter):
     """
 
     method = "FoRA"
+    fixed_buffers = ("a_indices", "b_indices")
 
     def __init__(
         self,
@@ -42,9 +44,8 @@ class FoRA(LowRankAdapter):
         n: int = 1000,
         scale: float = 1.0,
         seed: int = 777,
-        **kwargs,
     ) -> None:
-        super().__init__(spec, **kwargs)
+        super().__init__(spec)
         check_positive(spec, self.method, rank=rank, n=n)
         out_features, fan_in = spec.matrix_shape
         self.rank, self.scale, self.seed = rank, scale, seed

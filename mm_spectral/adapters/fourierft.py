@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import BaseAdapter, LayerSpec, check_positive
+from .base import BaseAdapter, LayerSpec, check_positive, register_adapter
 from .spectral import half_spectrum_positions, sample_entries, sparse_spectrum_to_real
 
 FOURIERFT_INITS = ("gaussian", "zeros")
 
 
+@register_adapter
 class FourierFT(BaseAdapter):
     """ΔW = alpha · Re(torch.fft.ifft2(F)) over the weight's matrix view (out, fan_in).
 
@@ -32,6 +33,7 @@ class FourierFT(BaseAdapter):
     """
 
     method = "FourierFT"
+    fixed_buffers = ("indices",)
 
     def __init__(
         self,
@@ -42,9 +44,8 @@ class FourierFT(BaseAdapter):
         fc: float | None = None,
         bandwidth: float | None = None,
         init: str = "gaussian",
-        **kwargs,
     ) -> None:
-        super().__init__(spec, **kwargs)
+        super().__init__(spec)
         check_positive(spec, self.method, n=n)
         rows, cols = spec.matrix_shape
         if n > rows * cols:

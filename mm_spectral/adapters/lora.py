@@ -7,9 +7,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import LayerSpec, LowRankAdapter, check_positive
+from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
 
 
+@register_adapter
 class LoRA(LowRankAdapter):
     """ΔW = (alpha / rank) · B A with A (rank × fan_in) and B (out × rank).
 
@@ -25,9 +26,9 @@ class LoRA(LowRankAdapter):
     method = "LoRA"
 
     def __init__(
-        self, spec: LayerSpec, rank: int = 8, alpha: float | None = None, **kwargs
+        self, spec: LayerSpec, rank: int = 8, alpha: float | None = None
     ) -> None:
-        super().__init__(spec, **kwargs)
+        super().__init__(spec)
         alpha = float(rank) if alpha is None else alpha
         check_positive(spec, self.method, rank=rank)
         out_features, fan_in = spec.matrix_shape

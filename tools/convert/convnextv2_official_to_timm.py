@@ -15,18 +15,11 @@ from pathlib import Path
 
 import torch
 
-try:
-    from mm_spectral.models.backbones import converters
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from mm_spectral.models.backbones import converters
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-DTYPES = {
-    "keep": None,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+from mm_spectral.state import atomic_save  # noqa: E402
+from tools.convert import converters  # noqa: E402
+from tools.convert.converters import DTYPES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from mm_spectral.models.backbones import ConvNeXtV2
+    from mm_spectral.openmmlab.backbones import ConvNeXtV2
 
     shapes = converters.convnextv2_timm_shapes(args.arch)
     state_dict = converters.convnextv2_official_to_timm(
@@ -65,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(state_dict)} tensors; ConvNeXtV2 will initialise {len(ours - set(state_dict))} "
         f"of its own (output norms): {sorted(ours - set(state_dict))}"
     )
-    torch.save(converters.cast(state_dict, DTYPES[args.dtype]), args.dst)
+    atomic_save(converters.cast(state_dict, DTYPES[args.dtype]), args.dst)
     print(f"saved {args.dst}")
 
 

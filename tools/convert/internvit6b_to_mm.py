@@ -16,18 +16,11 @@ from pathlib import Path
 
 import torch
 
-try:
-    from mm_spectral.models.backbones import converters
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from mm_spectral.models.backbones import converters
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-DTYPES = {
-    "keep": None,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+from mm_spectral.state import atomic_save  # noqa: E402
+from tools.convert import converters  # noqa: E402
+from tools.convert.converters import DTYPES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from mm_spectral.models.backbones import InternViT6B
+    from mm_spectral.openmmlab.backbones import InternViT6B
 
     raw = converters.load_state_dict_file(args.src, args.trust_pickle)
     state_dict, dropped = converters.internvit_to_mm(raw, args.prefix)
@@ -65,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(f"kept {len(state_dict)} tensors, dropped {len(dropped)} (e.g. {dropped[:3]})")
     print(f"InternViT6B arguments read from the weights: {cfg}")
-    torch.save(converters.cast(state_dict, DTYPES[args.dtype]), args.dst)
+    atomic_save(converters.cast(state_dict, DTYPES[args.dtype]), args.dst)
     print(f"saved {args.dst}")
 
 

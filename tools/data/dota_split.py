@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from mm_spectral.datasets.dota_split import IMG_EXTS, print_progress, split_dota  # noqa: E402
+from tools.data.dota_patches import IMG_EXTS, print_progress, split_dota  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from mm_spectral.datasets.synthetic_shapes import (  # noqa: E402
+from tools.data.synthetic_shapes import (  # noqa: E402
     make_shapes_ade,
     make_shapes_coco,
     make_shapes_dota,

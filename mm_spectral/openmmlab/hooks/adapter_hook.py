@@ -1,4 +1,4 @@
-"""Hooks that report and guard what trains, and keep adapter-only checkpoints."""
+"""The hook that guards what trains and keeps adapter-only checkpoints beside full ones."""
 
 from __future__ import annotations
 
@@ -10,36 +10,23 @@ from collections.abc import Sequence
 import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch import nn
 
-from ..checkpoint import is_adapter_key, merged_state_dict, plain_config, save_adapter_checkpoint
-from ..inject import trainable_report
-from ..models.adapted_backbone import ADAPTER_CFG_ATTR, AdapterKeySummary, adapted_backbones
+from ...report import trainable_report
+from ...state import atomic_save, is_adapter_key, merged_state_dict
+from ..adapted_backbone import ADAPTER_CFG_ATTR, adapted_backbones
+from ..checkpoint import plain_config, save_adapter_checkpoint
+from ..log_filters import AdapterKeySummary
+from .base import unwrap
 
 ADAPTER_SUFFIX = "_adapter"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP / MMDistributedDataParallel wrapper."""
-    return model.module if is_model_wrapper(model) else model
 
 
 def adapter_checkpoint_path(full_path: str) -> str:
     """``epoch_3.pth`` → ``epoch_3_adapter.pth``."""
     root, ext = osp.splitext(full_path)
     return f"{root}{ADAPTER_SUFFIX}{ext or '.pth'}"
-
-
-@HOOKS.register_module()
-class TrainableReportHook(Hook):
-    """Logs the trainable-parameter table once, before training (any model)."""
-
-    priority = "NORMAL"
-
-    def before_train(self, runner) -> None:
-        runner.logger.info("trainable parameters:\n" + trainable_report(unwrap(runner.model)))
 
 
 @HOOKS.register_module()
@@ -50,7 +37,7 @@ class AdapterHook(Hook):
     adapter, a ``trainable`` match of its AdaptedBackbone, or an ``allowed`` match
     (necks and heads, outside the adapted backbones, always train). Beside every
     checkpoint CheckpointHook writes (``epoch_3.pth``, ``best_*.pth``) it writes
-    ``epoch_3_adapter.pth`` (see :func:`mm_spectral.checkpoint.adapter_checkpoint`), and
+    ``epoch_3_adapter.pth`` (see :func:`mm_spectral.openmmlab.checkpoint.adapter_checkpoint`), and
     removes it again when CheckpointHook's ``max_keep_ckpts`` removes the full one.
 
     Args:
@@ -62,6 +49,7 @@ class AdapterHook(Hook):
     """
 
     priority = "LOWEST"  # after CheckpointHook (VERY_LOW): the file it names exists
+    needs_adapters = True
 
     def __init__(
         self,
@@ -185,7 +173,7 @@ class AdapterHook(Hook):
         state = merged_state_dict(unwrap(runner.model))  # the model itself stays adapted
         path = osp.join(runner.work_dir, "merged.pth")
         meta = dict(self._meta, epoch=runner.epoch, iter=runner.iter, merged=True)
-        torch.save(dict(state_dict=state, meta=meta), path)
+        atomic_save(dict(state_dict=state, meta=meta), path)
         message = f"AdapterHook: merged checkpoint (adapters folded in, plain keys): {path}"
         if runner.cfg.get("model") is not None:
             cfg_path = osp.join(runner.work_dir, "merged_config.py")

@@ -8,18 +8,16 @@ the real names, and a merged checkpoint loads into the adapter-free config as it
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from mmengine.logging import MMLogger
 from mmengine.registry import MODELS, Registry
 from torch import nn
 
 from ..cuda_graph import enable_cuda_graph
-from ..inject import adapted_layers, adapter_state_dict, freeze, inject
+from ..inject import cast_frozen, freeze, inject
+from .init_guard import GuardedInitWeights
 
 ADAPTER_CFG_ATTR = "mm_spectral_cfg"
 
@@ -35,7 +33,7 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
 
     Args:
         backbone: config of the inner backbone (any registered backbone).
-        adapter: ``dict(type='FLoRA' | 'FourierFT' | 'FoRA' | 'LoRA', targets=[...], **hp)``;
+        adapter: ``dict(type=<a registered method, e.g. 'FLoRA'>, targets=[...], **hp)``;
             None gives the frozen-backbone ("Base") baseline.
         trainable: regexes over the inner backbone's parameter names that stay trainable
             (e.g. new output norms); everything else of the backbone is frozen.
@@ -72,7 +70,7 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
     )
     setattr(inner, ADAPTER_CFG_ATTR, record)
     if hasattr(type(inner), "init_weights"):
-        inner.init_weights = _GuardedInitWeights(inner)
+        inner.init_weights = GuardedInitWeights(inner)
     return inner
 
 
@@ -107,83 +105,6 @@ def _plain(cfg: Any) -> Any:
     if isinstance(cfg, (list, tuple)):
         return [_plain(v) for v in cfg]
     return cfg
-
-
-class _GuardedInitWeights:
-    """Stands in for the backbone's ``init_weights``: runs the class's own, then restores
-    the requires_grad flags and adapter tensors, with adapter keys summed up in the log.
-
-    An object holding its module (not a closure): deepcopy (EMA) and pickle rebind it to
-    the copied module.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __call__(self) -> None:
-        module = self.module
-        flags = {name: p.requires_grad for name, p in module.named_parameters()}
-        adapters = {k: v.detach().clone() for k, v in adapter_state_dict(module).items()}
-        with summarised_adapter_keys():
-            type(module).init_weights(module)
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                param.requires_grad_(flags[name])
-            current = module.state_dict(keep_vars=True)
-            for key, value in adapters.items():
-                current[key].copy_(value)
-
-
-class AdapterKeySummary(logging.Filter):
-    """Rewrites mmengine's 'missing keys in source state_dict: …' warning so that adapter
-    keys (new, hence never in a pretrained checkpoint) become one count."""
-
-    PREFIX = "missing keys in source state_dict: "
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if self.PREFIX not in message:
-            return True
-        lines, n_adapter = [], 0
-        for line in message.splitlines():
-            if not line.startswith(self.PREFIX):
-                lines.append(line)
-                continue
-            keys = [k.strip() for k in line[len(self.PREFIX) :].split(",") if k.strip()]
-            rest = [k for k in keys if ".adapter." not in f".{k}"]
-            n_adapter += len(keys) - len(rest)
-            if rest:
-                lines.append(self.PREFIX + ", ".join(rest))
-        if n_adapter == 0:
-            return True
-        note = f"{n_adapter} adapter tensors are not in the checkpoint (expected: they are new)"
-        if not any(line.startswith(("missing keys", "unexpected key")) for line in lines):
-            record.msg, record.args = f"pretrained weights loaded; {note}", ()
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        else:
-            record.msg, record.args = "\n".join([*lines, note]), ()
-        return True
-
-
-@contextlib.contextmanager
-def summarised_adapter_keys() -> Iterator[None]:
-    """While active, mmengine's missing-key warnings count adapter keys instead of listing them."""
-    logger = MMLogger.get_current_instance()
-    summary = AdapterKeySummary()
-    logger.addFilter(summary)
-    try:
-        yield
-    finally:
-        logger.removeFilter(summary)
-
-
-def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
-    """Store every floating parameter that does not require grad in ``dtype`` (in place)."""
-    for param in module.parameters():
-        if not param.requires_grad and param.is_floating_point():
-            param.data = param.data.to(dtype)
-    for _, layer in adapted_layers(module):
-        layer.adapter.weight_dtype = layer.weight.dtype
 
 
 def adapted_backbones(model: nn.Module) -> dict[str, nn.Module]:

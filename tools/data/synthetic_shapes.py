@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .dota_split import DotaObject, polygon_area, write_dota_ann
+from .dota_patches import DotaObject, polygon_area, write_dota_ann
 
 SHAPES_CLASSES = ("square", "circle", "triangle")
 SHAPES_COLOURS = {"square": (40, 40, 220), "circle": (40, 200, 40), "triangle": (220, 90, 30)}

@@ -15,8 +15,8 @@ import torch
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from timm.layers import LayerNorm2d
+from timm.models import checkpoint_seq
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 CONVNEXTV2_ARCHS = ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "huge")
 
@@ -69,8 +69,7 @@ class ConvNeXtV2(BaseModule):
         outs = []
         for index, stage in enumerate(self.stages):
             x = stage.downsample(x)
-            for block in stage.blocks:
-                x = checkpoint(block, x, use_reentrant=False) if use_cp else block(x)
+            x = checkpoint_seq(stage.blocks, x, use_reentrant=False) if use_cp else stage.blocks(x)
             if index in self.out_indices:
                 outs.append(self.out_norms[str(index)](x))
         return tuple(outs)

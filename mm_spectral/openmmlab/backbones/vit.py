@@ -18,9 +18,8 @@ from mmengine.registry import MODELS
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from .pyramid import SimplePyramid, check_out_indices, tokens_to_map
+from .pyramid import SimplePyramid, check_out_indices, run_blocks, tokens_to_map
 
 
 @MODELS.register_module()
@@ -114,16 +113,12 @@ class TimmViT(BaseModule):
         return self.pos_drop(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        use_cp = self.with_cp and self.training and torch.is_grad_enabled()
         x = self.patch_embed(x)  # (B, H, W, C): dynamic_img_size makes timm emit NHWC
         grid = (x.shape[1], x.shape[2])
         x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
-        feats = {}
-        for index, block in enumerate(self.blocks):
-            x = checkpoint(block, x, use_reentrant=False) if use_cp else block(x)
-            if index in self.out_indices:
-                feats[index] = tokens_to_map(x, self.num_prefix_tokens, grid)
-        return self.pyramid([feats[i] for i in self.out_indices])
+        _, outs = run_blocks(self.blocks, x, self.out_indices, self.with_cp and self.training)
+        maps = [tokens_to_map(outs[i], self.num_prefix_tokens, grid) for i in self.out_indices]
+        return self.pyramid(maps)
 
     def _load_from_state_dict(
         self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any

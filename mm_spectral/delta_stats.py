@@ -1,4 +1,4 @@
-"""Logs ‖ΔW‖_F and the feature amplification factor of the adapters during training.
+"""‖ΔW‖_F and the feature amplification factor of a model's adapters (pure PyTorch).
 
 Amplification (FLoRA paper §5.2 / Fig. 4, after LoRA §7.3): ‖ΔW‖_F / ‖Uᵀ W V‖_F with U, V
 the top-r left / right singular vectors of ΔW, seen as the matrix (out, fan_in): how much
@@ -8,13 +8,9 @@ the top-r left / right singular vectors of ΔW, seen as the matrix (out, fan_in)
 from __future__ import annotations
 
 import torch
-from mmengine.dist import is_main_process
-from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
-from mmengine.registry import HOOKS
 from torch import Tensor
 
-from ..inject import adapted_layers
+from .state import adapted_layers
 
 DEFAULT_RANK = 16  # for adapters without a rank (FourierFT)
 
@@ -56,7 +52,7 @@ def delta_stats(model: torch.nn.Module, default_rank: int = DEFAULT_RANK) -> dic
     norms, amps = [], []
     for _, layer in adapted_layers(model):
         shape = layer.adapter.spec.matrix_shape
-        delta = layer.adapter.delta_weight().float().reshape(shape)
+        delta = layer.delta_weight().float().reshape(shape)
         weight = layer.weight.float().reshape(shape)
         if layer.merged:
             weight = weight - delta
@@ -71,29 +67,3 @@ def delta_stats(model: torch.nn.Module, default_rank: int = DEFAULT_RANK) -> dic
     if amps:
         stats["delta_amplification"] = sum(amps) / len(amps)
     return stats
-
-
-@HOOKS.register_module()
-class DeltaStatsHook(Hook):
-    """Every ``interval`` training iterations, logs the mean ‖ΔW‖_F and the mean feature
-    amplification factor over adapted layers as scalars ``train/delta_norm`` and
-    ``train/delta_amplification`` (log lines, vis_data/scalars.json, TensorBoard…);
-    ``tools/analysis/plot_delta_stats.py`` draws them.
-
-    Args:
-        interval: iterations between two measurements.
-        default_rank: r for adapters without a rank (FourierFT).
-    """
-
-    priority = "NORMAL"  # before LoggerHook (BELOW_NORMAL): logged in the same iteration
-
-    def __init__(self, interval: int = 50, default_rank: int = DEFAULT_RANK) -> None:
-        self.interval = interval
-        self.default_rank = default_rank
-
-    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if not self.every_n_train_iters(runner, self.interval) or not is_main_process():
-            return  # only rank 0 logs
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        for key, value in delta_stats(model, self.default_rank).items():
-            runner.message_hub.update_scalar(f"train/{key}", value)

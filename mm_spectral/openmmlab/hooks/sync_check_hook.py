@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from mmengine.dist import all_gather, get_world_size
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..inject import adapter_state_dict
+from ...state import adapter_state_dict
+from .base import unwrap
 
 
 def _checksum(tensor: torch.Tensor) -> torch.Tensor:
@@ -28,10 +28,11 @@ class AdapterSyncCheckHook(Hook):
     """
 
     priority = "LOWEST"
+    needs_adapters = True
 
     @torch.no_grad()
     def after_train(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = unwrap(runner.model)
         state = adapter_state_dict(model)
         device = next(model.parameters()).device
         sums = torch.stack([_checksum(t.to(device)) for t in state.values()])

@@ -1,4 +1,4 @@
-"""Checkpoints: adapter-only files, and merging adapters into plain checkpoints + configs.
+"""OpenMMLab checkpoints: adapter-only files, and merging into plain checkpoints + configs.
 
 An adapter-only checkpoint holds everything training changed — adapter tensors (spectral
 entries included), necks, heads, ``trainable`` backbone parameters and buffers — but not
@@ -13,40 +13,30 @@ inference runs unchanged.
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from mmengine.registry import HOOKS
 from torch import Tensor, nn
 
-from .inject import (
-    adapted_layers,
+from ..state import (
     adapter_state_dict,
+    atomic_save,
+    is_adapter_key,
     load_adapter_state_dict,
-    merge,
-    remove_adapters,
+    load_checkpoint_file,
+    merged_state_dict,
 )
+from .adapted_backbone import adapted_backbones
+from .scope import build_model
 
 ADAPTER_STATE_KEY = "adapter_state_dict"
-ADAPTER_HOOKS = ("AdapterHook", "DeltaStatsHook")
-
-
-def is_adapter_key(key: str) -> bool:
-    """Whether a state-dict key belongs to an adapter ('<layer>.adapter.<tensor>')."""
-    return ".adapter." in f".{key}"
-
-
-def _adapted_backbones(model: nn.Module) -> dict[str, nn.Module]:
-    from .models.adapted_backbone import adapted_backbones  # needs mmengine
-
-    return adapted_backbones(model)
 
 
 def frozen_backbone_keys(model: nn.Module) -> set[str]:
     """State-dict keys of frozen, non-adapter parameters inside AdaptedBackbone-built modules."""
     keys: set[str] = set()
-    for prefix, backbone in _adapted_backbones(model).items():
+    for prefix, backbone in adapted_backbones(model).items():
         head = f"{prefix}." if prefix else ""
         keys |= {
             head + n
@@ -68,13 +58,8 @@ def adapter_checkpoint(model: nn.Module, meta: Mapping[str, Any] | None = None) 
 def save_adapter_checkpoint(
     model: nn.Module, path: str, meta: Mapping[str, Any] | None = None
 ) -> None:
-    """Write :func:`adapter_checkpoint` of ``model`` to ``path``."""
-    torch.save(adapter_checkpoint(model, meta), path)
-
-
-def load_checkpoint_file(path: str) -> dict:
-    """A checkpoint this project or MMEngine wrote (full unpickling: the user chose it)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Write :func:`adapter_checkpoint` of ``model`` to ``path`` (atomically)."""
+    atomic_save(adapter_checkpoint(model, meta), path)
 
 
 def is_adapter_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
@@ -100,25 +85,10 @@ def load_adapter_checkpoint(model: nn.Module, checkpoint: str | Mapping[str, Any
     return dict(ckpt.get("meta", {}))
 
 
-@torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The plain state dict with every ΔW folded in, leaving ``model`` untouched."""
-    state = model.state_dict()
-    for name, layer in adapted_layers(model):
-        if not layer.merged:
-            delta = layer.adapter.delta_weight()
-            if not torch.isfinite(delta).all():
-                raise ValueError(f"ΔW of layer '{name}' is not finite; nothing merged")
-            key = f"{name}.weight" if name else "weight"
-            state[key] = state[key] + delta
-    adapter_keys = set(adapter_state_dict(model))
-    return {k: v.detach().cpu() for k, v in state.items() if k not in adapter_keys}
-
-
 def plain_config(cfg: Any) -> Any:
     """A copy of ``cfg`` with every AdaptedBackbone dict replaced by its inner ``backbone``
-    (at any depth), the hooks that need adapters dropped from ``custom_hooks``, and no
-    ``load_from`` / ``resume``."""
+    (at any depth), the hooks that declare ``needs_adapters`` dropped from
+    ``custom_hooks``, and no ``load_from`` / ``resume``."""
 
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
@@ -133,27 +103,23 @@ def plain_config(cfg: Any) -> Any:
     plain = copy.deepcopy(cfg)
     plain.model = strip(plain.model)
     hooks = plain.get("custom_hooks") or []
-    plain.custom_hooks = [h for h in hooks if h.get("type") not in ADAPTER_HOOKS]
+    plain.custom_hooks = [h for h in hooks if not needs_adapters(h)]
     plain.load_from, plain.resume = None, False  # the merged weights are loaded explicitly
     return plain
 
 
-def build_model(cfg: Any) -> nn.Module:
-    """Build ``cfg.model`` on the CPU through the registry of the config's default_scope."""
-    from mmengine.registry import DefaultScope
-
-    from .registration import init_toolbox
-
-    scope = cfg.get("default_scope")
-    init_toolbox(scope)
-    registry = importlib.import_module(f"{scope or 'mmengine'}.registry").MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        return registry.build(copy.deepcopy(cfg.model))
+def needs_adapters(hook_cfg: Mapping[str, Any]) -> bool:
+    """Whether the hook a ``custom_hooks`` entry builds declares ``needs_adapters = True``
+    (it fails or means nothing on a model without adapters, e.g. a merged one)."""
+    kind = hook_cfg.get("type")
+    if isinstance(kind, str):
+        kind = HOOKS.get(kind)
+    return bool(getattr(kind, "needs_adapters", False))
 
 
 def require_pretrained_base(model: nn.Module) -> None:
     """Raise unless every adapted backbone loads its base weights from a Pretrained init_cfg."""
-    for prefix, backbone in _adapted_backbones(model).items():
+    for prefix, backbone in adapted_backbones(model).items():
         init_cfg = getattr(backbone, "init_cfg", None) or []
         init_cfgs = [init_cfg] if isinstance(init_cfg, Mapping) else list(init_cfg)
         if not any(c.get("type") == "Pretrained" for c in init_cfgs):
@@ -180,7 +146,4 @@ def merge_checkpoint(
         load_adapter_checkpoint(model, ckpt)
     else:
         model.load_state_dict(ckpt.get("state_dict", ckpt), strict=True)
-    merge(model)
-    remove_adapters(model, merge_first=False)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return state, plain_config(cfg)
+    return merged_state_dict(model), plain_config(cfg)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from timm.layers import LayerNorm2d
+from timm.models import checkpoint_seq
 from torch import Tensor, nn
 
 
@@ -57,3 +59,24 @@ def check_out_indices(out_indices: Sequence[int], depth: int, name: str) -> tupl
             f"{name}: out_indices must be 4 block indices in [0, {depth}), got {tuple(out_indices)}"
         )
     return indices
+
+
+def run_blocks(
+    blocks: Sequence[nn.Module], x: Tensor, out_indices: Sequence[int], with_cp: bool
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """Run ``blocks`` in order; return the last output and {index: output} at
+    ``out_indices``. With ``with_cp`` (while training with grad) each block is
+    activation-checkpointed (timm's ``checkpoint_seq``): same result, less memory."""
+    use_cp = with_cp and torch.is_grad_enabled()
+    outputs: dict[int, Tensor] = {}
+    start = 0
+    for end in sorted(set(out_indices)):
+        segment = list(blocks[start : end + 1])
+        if use_cp:
+            x = checkpoint_seq(segment, x, use_reentrant=False)
+        else:
+            for block in segment:
+                x = block(x)
+        outputs[end] = x
+        start = end + 1
+    return x, outputs

@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from timm.layers import DropPath
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from .pyramid import SimplePyramid, check_out_indices, tokens_to_map
+from .pyramid import SimplePyramid, check_out_indices, run_blocks, tokens_to_map
 
 
 class RMSNorm(nn.Module):
@@ -40,16 +39,11 @@ class RMSNorm(nn.Module):
 
 
 def resample_position_embedding(pos: Tensor, grid: int, size: tuple[int, int]) -> Tensor:
-    """(1, 1 + grid², C) -> (1, 1 + h*w, C): class entry kept, patch grid resampled bicubically.
-
-    Bicubic in float32 (no half-precision bicubic on every device), then cast back.
-    """
-    if size == (grid, grid):
-        return pos
-    channels = pos.shape[-1]
-    patch_pos = pos[:, 1:].float().reshape(1, grid, grid, channels).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, size=size, mode="bicubic", align_corners=False)
-    return torch.cat([pos[:, :1], patch_pos.flatten(2).transpose(1, 2).to(pos.dtype)], dim=1)
+    """(1, 1 + grid², C) -> (1, 1 + h*w, C): class entry kept, patch grid resampled as
+    InternVL does (bicubic, align_corners=False, no antialiasing, in float32)."""
+    return resample_abs_pos_embed(
+        pos, new_size=size, old_size=(grid, grid), num_prefix_tokens=1, antialias=False
+    )
 
 
 class InternEmbeddings(nn.Module):
@@ -111,17 +105,6 @@ class InternAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
-class InternMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class InternBlock(nn.Module):
     """Pre-norm block: x + ls1 * attn(norm1 x), then x + ls2 * mlp(norm2 x), with drop path."""
 
@@ -139,7 +122,7 @@ class InternBlock(nn.Module):
         self.attn = InternAttention(dim, num_heads, qk_normalization)
         self.ls1 = nn.Parameter(torch.full((dim,), float(ls_init)))
         self.norm2 = RMSNorm(dim)
-        self.mlp = InternMLP(dim, hidden)
+        self.mlp = Mlp(dim, hidden, act_layer=nn.GELU)  # fc1 -> exact GELU -> fc2
         self.ls2 = nn.Parameter(torch.full((dim,), float(ls_init)))
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -225,11 +208,7 @@ class InternViT6B(BaseModule):
         nn.init.trunc_normal_(self.embeddings.position_embedding, std=0.02)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        use_cp = self.with_cp and self.training and torch.is_grad_enabled()
         x, grid = self.embeddings(x)
-        feats = {}
-        for index, layer in enumerate(self.encoder.layers):
-            x = checkpoint(layer, x, use_reentrant=False) if use_cp else layer(x)
-            if index in self.out_indices:
-                feats[index] = tokens_to_map(x, 1, grid)
-        return self.pyramid([feats[i] for i in self.out_indices])
+        layers = self.encoder.layers
+        _, outs = run_blocks(layers, x, self.out_indices, self.with_cp and self.training)
+        return self.pyramid([tokens_to_map(outs[i], 1, grid) for i in self.out_indices])

@@ -11,15 +11,24 @@ The command-line tools in ``tools/convert/`` wrap these.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from timm.models.convnext import checkpoint_filter_fn
 from torch import Tensor
 
+from mm_spectral.state import load_checkpoint_file
+
 StateDict = dict[str, Tensor]
+
+DTYPES = {
+    "keep": None,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 # ----------------------------------------------------------------------------- loading
 
@@ -43,19 +52,7 @@ def load_state_dict_file(path: str | Path, trust_pickle: bool = False) -> StateD
         from safetensors.torch import load_file  # optional dependency, only for this format
 
         return load_file(str(path))
-    try:
-        try:
-            checkpoint = torch.load(path, "cpu", weights_only=not trust_pickle, mmap=True)
-        except RuntimeError as err:  # legacy (non-zip) serialisation cannot be memory-mapped
-            if "mmap" not in str(err):
-                raise
-            checkpoint = torch.load(path, "cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as err:
-        raise pickle.UnpicklingError(
-            f"{path} holds more than tensors; if you trust the file, allow pickled objects "
-            f"(--trust-pickle / trust_pickle=True). {err}"
-        ) from None
-    return unwrap(checkpoint)
+    return unwrap(load_checkpoint_file(path, trusted=trust_pickle, mmap=True))
 
 
 def _merge(parts: list[Mapping]) -> StateDict:
@@ -87,44 +84,35 @@ def cast(state_dict: StateDict, dtype: torch.dtype | None) -> StateDict:
 
 # ----------------------------------------------------------------------------- ConvNeXt-V2
 
-_CONVNEXT_BLOCK_PARTS = {
-    "dwconv": "conv_dw",
-    "norm": "norm",
-    "pwconv1": "mlp.fc1",
-    "pwconv2": "mlp.fc2",
-}
+# Official ConvNeXt-V2 keys (fine-tuned releases); FCMAE pre-training adds decoder keys.
+_CONVNEXT_OFFICIAL_KEY = re.compile(
+    r"(downsample_layers\.\d\.\d|stages\.\d+\.\d+\.(dwconv|norm|pwconv[12])|norm|head)"
+    r"\.(weight|bias)|stages\.\d+\.\d+\.grn\.(gamma|beta)"
+)
 _FCMAE_ONLY = ("decoder", "mask_token", "proj", "pred")
 
 
-def _convnext_key(key: str) -> str:
-    """One official ConvNeXt-V2 key -> timm's key (raises on keys it does not know)."""
-    if m := re.fullmatch(r"downsample_layers\.0\.(\d)\.(weight|bias)", key):
-        return f"stem.{m[1]}.{m[2]}"
-    if m := re.fullmatch(r"downsample_layers\.(\d)\.(\d)\.(weight|bias)", key):
-        return f"stages.{m[1]}.downsample.{m[2]}.{m[3]}"
-    if m := re.fullmatch(
-        r"stages\.(\d+)\.(\d+)\.(dwconv|norm|pwconv1|pwconv2)\.(weight|bias)", key
-    ):
-        return f"stages.{m[1]}.blocks.{m[2]}.{_CONVNEXT_BLOCK_PARTS[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"stages\.(\d+)\.(\d+)\.grn\.(gamma|beta)", key):
-        return f"stages.{m[1]}.blocks.{m[2]}.mlp.grn.{'weight' if m[3] == 'gamma' else 'bias'}"
-    if m := re.fullmatch(r"norm\.(weight|bias)", key):
-        return f"head.norm.{m[1]}"
-    if m := re.fullmatch(r"head\.(weight|bias)", key):
-        return f"head.fc.{m[1]}"
-    raise KeyError(f"not an official ConvNeXt-V2 key: {key!r}")
+class _ShapesOnly:
+    """What timm's ``checkpoint_filter_fn`` reads of a model: its state dict's shapes."""
+
+    def __init__(self, shapes: Mapping[str, torch.Size]) -> None:
+        self._state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self._state
 
 
 def convnextv2_official_to_timm(
-    checkpoint: Mapping, target_shapes: Mapping[str, torch.Size] | None = None
+    checkpoint: Mapping, target_shapes: Mapping[str, torch.Size]
 ) -> StateDict:
     """Official ConvNeXt-V2 state dict (or the checkpoint holding it under 'model') -> timm layout.
 
-    GRN's (1, 1, 1, C) gamma/beta become (C,) weight/bias. With ``target_shapes`` (a timm model's
-    shapes, see ``convnextv2_timm_shapes``), Linear pointwise weights (out, in) are reshaped to the
-    (out, in, 1, 1) 1x1 convs that timm's atto-nano models use. An FCMAE checkpoint's
-    ``encoder.`` prefix is stripped and its decoder dropped; its sparse ``.kernel`` weights
-    (MinkowskiEngine) are refused.
+    Keys are checked against the official layout, then renamed by timm's ConvNeXt
+    ``checkpoint_filter_fn``: GRN's (1, 1, 1, C) gamma/beta become (C,) weight/bias, and
+    pointwise weights take ``target_shapes`` (a timm model's, see ``convnextv2_timm_shapes``:
+    (out, in, 1, 1) 1x1 convs for atto-nano). An FCMAE checkpoint's ``encoder.`` prefix is
+    stripped and its decoder dropped; its sparse ``.kernel`` weights (MinkowskiEngine) are
+    refused.
     """
     state_dict = unwrap(checkpoint)
     if any(k.endswith(".kernel") for k in state_dict):
@@ -136,19 +124,12 @@ def convnextv2_official_to_timm(
         state_dict = {
             k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")
         }
-    out: StateDict = {}
-    for key, value in state_dict.items():
-        if key.startswith(_FCMAE_ONLY):
-            continue
-        new_key = _convnext_key(key)
-        if ".grn." in new_key:
-            value = value.reshape(value.shape[-1])
-        if target_shapes is not None and new_key in target_shapes:
-            shape = torch.Size(target_shapes[new_key])
-            if value.shape != shape and value.numel() == shape.numel():
-                value = value.reshape(shape)
-        out[new_key] = value
-    return out
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_FCMAE_ONLY)}
+    unknown = [k for k in state_dict if not _CONVNEXT_OFFICIAL_KEY.fullmatch(k)]
+    if unknown:
+        raise KeyError(f"not official ConvNeXt-V2 keys: {unknown[:8]}")
+    # timm's own remapping: names, GRN (1,1,1,C) -> (C,), pointwise (out,in) -> its shapes.
+    return checkpoint_filter_fn(state_dict, _ShapesOnly(target_shapes))
 
 
 def convnextv2_timm_shapes(arch: str) -> dict[str, torch.Size]:
