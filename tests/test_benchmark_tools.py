@@ -68,6 +68,21 @@ def test_backbone_benchmark_tiny_run():
         assert int(updated) == int(total) > 0
 
 
+def test_peers_benchmark_tiny_run():
+    """Ours vs HF peft: same trainable counts (tools/peers.py refuses otherwise), a ratio."""
+    pytest.importorskip("peft")
+    out = run_tool(
+        "tools/benchmark.py",
+        *("--tiny", "--device", "cpu", "--only", "ViT", "--peers"),
+        *("--skip-training", "--skip-inference", "--warmup", "1", "--iters", "1"),
+    )
+    rows = {row[1]: row for row in table_rows(out, "Ours vs HF peft")}
+    assert set(rows) == {"LoRA r16", "FourierFT n300"}
+    for row in rows.values():
+        assert number(row[2]) > 0 and number(row[3]) > 0 and number(row[4]) > 0
+        assert number(row[5]) == pytest.approx(number(row[4]) / number(row[3]), rel=0.02)
+
+
 @pytest.mark.parametrize(
     "preset, only, expected",
     [

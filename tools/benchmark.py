@@ -10,6 +10,7 @@ nothing turns NaN/inf. Prints a markdown table (ratios to the floor of the same 
     python tools/benchmark.py --tiny --device cpu   # a seconds-long smoke run of the same code
     python tools/benchmark.py --mode cuda-graph     # forward+backward replayed as a CUDA graph
     python tools/benchmark.py --profile floor LoRA  # + GPU-busy time and top kernels per step
+    python tools/benchmark.py --peers --skip-training --skip-inference   # ours vs HF peft
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn  # noqa: E402
 
 import mm_spectral  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
+from tools import peers  # noqa: E402
 from tools.compile_blocks import compile_modules  # noqa: E402
 
 CONVNEXT_TARGETS = [
@@ -386,6 +388,25 @@ def measure_training(spec: Backbone, base: nn.Module, args) -> list[Result]:
     return results
 
 
+def measure_peers(spec: Backbone, base: nn.Module, args) -> list[str]:
+    """Ours vs HF peft on the same model, targets, rank / n and scale (see tools/peers.py)."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    lines = []
+    for pair in peers.peer_pairs(spec.name, base, args.tiny):
+        mine = measure(spec, pair.label, peers.ours(base, pair, args.device), args)
+        release(args.device)
+        other = measure(spec, pair.label, peers.theirs(base, pair, args.device), args)
+        release(args.device)
+        lines.append(
+            f"| {spec.name} {spec.batch}×{spec.size}² | {pair.label} | {mine.trainable:,} | "
+            f"{mine.step_ms:.1f} | {other.step_ms:.1f} | {other.step_ms / mine.step_ms:.2f}x | "
+            f"{mine.peak_gib:.2f} | {other.peak_gib:.2f} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
 def print_training_table(results: list[Result], args, device_name: str) -> None:
     print(f"\n### Training step, bf16 autocast, AdamW, {args.mode} — {device_name}\n")
     memory = "peak reserved (GiB)" if args.mode == "cuda-graph" else "peak (GiB)"
@@ -429,6 +450,9 @@ def main() -> None:
     parser.add_argument("--profile-rows", type=int, default=12)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(
+        "--peers", action="store_true", help="also time HF peft's LoRA and FourierFT (needs peft)"
+    )
+    parser.add_argument(
         "--mode",
         default="eager",
         choices=["eager", "compile-blocks", "compile-model", "cuda-graph"],
@@ -442,6 +466,7 @@ def main() -> None:
     results: list[Result] = []
     inference_lines: list[str] = []
     amp_lines: list[str] = []
+    peer_lines: list[str] = []
     for spec in TINY if args.tiny else BACKBONES:
         if args.only and args.only not in spec.name:
             continue
@@ -452,6 +477,8 @@ def main() -> None:
         if not args.skip_inference:
             inference_lines += inference_check(spec, base, args)
             amp_lines += amp_check(spec, base, args)
+        if args.peers:
+            peer_lines += measure_peers(spec, base, args)
         del base
 
     if results:
@@ -468,6 +495,15 @@ def main() -> None:
         print("| backbone | adapter | dtype | loss first → last | tensors updated | status |")
         print("|---|---|---|---|---|---|")
         print("\n".join(amp_lines))
+    if peer_lines:
+        memory = "peak reserved" if args.mode == "cuda-graph" else "peak"
+        print(f"\n### Ours vs HF peft, training step, bf16, {args.mode} — {device_name}\n")
+        print(
+            f"| backbone, batch | adapter | trainable | ours (ms) | peft (ms) | peft / ours "
+            f"| ours {memory} (GiB) | peft {memory} (GiB) |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(peer_lines))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
