@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..kernels.stash import take_stash
 from .base import LayerSpec, LowRankAdapter, check_positive
 from .spectral import (
     half_spectrum_positions,
@@ -72,6 +73,9 @@ class FoRA(LowRankAdapter):
         return (target_var / weight_sum) ** 0.5 * rows * cols
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        prebuilt = take_stash(self)  # from mm_spectral.kernels.enable_batched_spectra
+        if prebuilt is not None:
+            return prebuilt
         down = sparse_spectrum_to_real(self.a_coefficients, self.a_positions, self.a_shape)
         up = sparse_spectrum_to_real(self.b_coefficients, self.b_positions, self.b_shape)
         return down, up, self.scale
