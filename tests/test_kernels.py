@@ -88,7 +88,7 @@ def test_kernels_compiled_on_gpu():
 @needs_triton
 @needs_cuda
 @pytest.mark.parametrize("shape", [(1000, 512, 384, 16), (4, 257, 256, 320, 5)])
-def test_fused_linear_bf16_autocast_matches_torch(shape):
+def test_gpu_fused_linear_bf16_autocast_matches_torch(shape):
     """Under bf16 autocast on a GPU the fused path runs ('auto') and matches the torch path."""
     *lead, k, n, r = shape
     torch.manual_seed(0)

@@ -26,14 +26,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .tiles import dot_precision, gemm_configs, pass_configs, rank_block
+from .tiles import (
+    GEMM_PRUNE_FP32,
+    PASS_PRUNE_FP32,
+    dot_precision,
+    gemm_configs,
+    pass_configs,
+    prune_for,
+    rank_block,
+    smallest_block_m,
+)
 
 # Target number of programs of the pass over g (it must fill the GPU to stream at full
 # bandwidth): the out-features are split into chunks until the grid reaches it.
 PASS_PROGRAMS = 528
 
 
-@triton.autotune(configs=pass_configs(), key=["M", "N", "R", "NEED_GH", "NEED_DUP", "NEED_DB"])
+@triton.autotune(
+    configs=pass_configs(),
+    key=["M", "N", "R", "NEED_GH", "NEED_DUP", "NEED_DB"],
+    prune_configs_by={"early_config_prune": prune_for("g_ptr", PASS_PRUNE_FP32)},
+)
 @triton.jit
 def _grad_out_pass_kernel(
     g_ptr, up_ptr, h_ptr, gh_ptr, dup_ptr, db_ptr,
@@ -84,6 +97,7 @@ def _grad_out_pass_kernel(
 @triton.autotune(
     configs=gemm_configs(),
     key=["M", "N", "K", "R", "NEED_DX", "NEED_DDOWN", "FUSE_GH", "NEED_DUP", "NEED_DB"],
+    prune_configs_by={"early_config_prune": prune_for("x_ptr", GEMM_PRUNE_FP32)},
 )
 @triton.jit
 def _grad_input_kernel(
@@ -164,7 +178,8 @@ def _grad_input_kernel(
     if NEED_DX:
         d_ptrs = down_ptr + offs_r[:, None] * stride_dr + safe_k[None, :] * stride_dk
         d = tl.load(d_ptrs, mask=rank_ok[:, None], other=0.0)
-        acc += scale * tl.dot(gh, d, input_precision=PRECISION)
+        if scale != 0.0:  # in place, as in the forward kernel
+            acc = tl.dot(gh, d, acc * (1.0 / scale), input_precision=PRECISION) * scale
         dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     if NEED_DDOWN:
@@ -176,8 +191,8 @@ def _grad_input_kernel(
         tl.store(dd_ptrs, part, mask=rank_ok[:, None] & col_ok[None, :])
 
 
-def _min_block_m(kernel: triton.runtime.Autotuner) -> int:
-    return min(c.kwargs["BLOCK_M"] for c in kernel.configs)
+def _min_block_m(kernel: triton.runtime.Autotuner, dtype: torch.dtype) -> int:
+    return smallest_block_m(kernel.configs, dtype)
 
 
 def _used_tiles_m(kernel: triton.runtime.Autotuner, m: int) -> int:
@@ -217,7 +232,7 @@ def low_rank_backward(
     precision = dot_precision(x.dtype)
     need_gh = need_x or need_down
     f32 = dict(device=x.device, dtype=torch.float32)
-    gemm_tiles_m = triton.cdiv(m, _min_block_m(_grad_input_kernel))
+    gemm_tiles_m = triton.cdiv(m, _min_block_m(_grad_input_kernel, x.dtype))
     run_gemm = need_gh or (fuse_gh and (need_up or need_bias))
     gh = dup_parts = db_parts = None
     d_bias = d_down = d_up = None
@@ -225,7 +240,7 @@ def low_rank_backward(
     if not fuse_gh and (need_gh or need_up or need_bias):
         # The split of N is fixed before the autotuner picks a tile: it assumes the
         # smallest BLOCK_M and the largest BLOCK_N of the configs.
-        tiles_m = triton.cdiv(m, _min_block_m(_grad_out_pass_kernel))
+        tiles_m = triton.cdiv(m, _min_block_m(_grad_out_pass_kernel, x.dtype))
         max_bn = max(c.kwargs["BLOCK_N"] for c in _grad_out_pass_kernel.configs)
         splits = max(1, min(triton.cdiv(n, max_bn), triton.cdiv(PASS_PROGRAMS, tiles_m)))
         chunk = triton.cdiv(triton.cdiv(n, splits), max_bn) * max_bn

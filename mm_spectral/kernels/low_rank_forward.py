@@ -15,10 +15,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .tiles import dot_precision, gemm_configs, rank_block
+from .tiles import GEMM_PRUNE_FP32, dot_precision, gemm_configs, prune_for, rank_block
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "FUSE_DOWN"])
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["M", "N", "K", "FUSE_DOWN"],
+    prune_configs_by={"early_config_prune": prune_for("x_ptr", GEMM_PRUNE_FP32)},
+)
 @triton.jit
 def _low_rank_forward_kernel(
     x_ptr, w_ptr, bias_ptr, down_ptr, up_ptr, h_ptr, y_ptr,
@@ -77,7 +81,10 @@ def _low_rank_forward_kernel(
         h = tl.load(h_in, mask=offs_r[None, :] < R, other=0.0)
     u_ptrs = up_ptr + offs_r[:, None] * stride_ur + safe_n[None, :] * stride_un
     u = tl.load(u_ptrs, mask=offs_r[:, None] < R, other=0.0)
-    acc += scale * tl.dot(h, u, input_precision=PRECISION)
+    # acc + s·(h u) accumulated in place (a second BLOCK_M × BLOCK_N accumulator would
+    # spill): divide by s, add h u exactly as the torch path's addmm does, multiply back.
+    if scale != 0.0:
+        acc = tl.dot(h, u, acc * (1.0 / scale), input_precision=PRECISION) * scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
 
