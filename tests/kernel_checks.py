@@ -6,19 +6,23 @@ rest of the suite unaffected; on a GPU the same script runs the compiled kernels
 interpreter runs dots in numpy, which has no bfloat16: on the CPU the kernels are checked
 in float32 (compiled for the dtype passed, so the same code paths run).
 
-    TRITON_INTERPRET=1 python tests/kernel_checks.py forward backward linear spectral
+    TRITON_INTERPRET=1 python tests/kernel_checks.py forward backward passes cublas linear spectral
 """
 
 from __future__ import annotations
 
+import os.path as osp
 import sys
+import traceback
 from collections.abc import Callable
 
-import torch
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository
 
-from mm_spectral.adapters.functional import low_rank_linear
-from mm_spectral.kernels import set_fused_low_rank_mode
-from mm_spectral.kernels.dispatch import OPTIONS
+import torch  # noqa: E402
+
+from mm_spectral.adapters.functional import low_rank_linear  # noqa: E402
+from mm_spectral.kernels import set_fused_low_rank_mode  # noqa: E402
+from mm_spectral.kernels.dispatch import OPTIONS  # noqa: E402
 
 # Tiny and ragged: every dimension spans several 16-wide interpreter tiles plus a remainder.
 M, K, N, R = 37, 48, 40, 4
@@ -74,12 +78,9 @@ def check_backward() -> None:
     }
     flag_sets = [
         (True, True, True, True),
-        (True, False, True, True),
         (False, False, True, True),
         (True, False, False, False),
         (False, True, False, True),
-        (False, False, False, True),
-        (False, False, True, False),
     ]
     for kind, g in grads.items():
         gh = g @ up
@@ -94,6 +95,67 @@ def check_backward() -> None:
                         close(value, ref, what)
                     else:
                         assert value is None, what
+
+
+@check
+def check_passes() -> None:
+    """The memory-bound passes: h (and [x | h]), gh / d_up / d_bias (and [g | s·gh]), d_down."""
+    from mm_spectral.kernels.low_rank_passes import down_grad, down_projection, grad_out_pass
+
+    x = randn(M, 2 * K)[:, ::2]  # non-contiguous
+    down, up = randn(R, K), randn(N, R)
+    h_ref = x @ down.t()
+    close(down_projection(x, down), h_ref, "h")
+    cat = torch.full((M, K + R), float("nan"), device=DEVICE, dtype=DTYPE)
+    h = down_projection(x, down, cat_out=cat)
+    close(h, h_ref, "h into [x | h]")
+    assert h.data_ptr() == cat[:, K:].data_ptr()
+    close(cat[:, :K], x, "x copied into [x | h]")
+    g = randn(N, M).t()
+    gh_ref = g @ up
+    wants = {"gh": gh_ref, "d_up": SCALE * g.t() @ h_ref, "d_bias": g.sum(0)}
+    for flags in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+        got = grad_out_pass(g, up, h_ref, SCALE, *flags)
+        for (name, want), flag, value in zip(wants.items(), flags, got):
+            if flag:
+                close(value, want, f"grad_out_pass {name} (needs {flags})")
+            else:
+                assert value is None
+    g_cat = torch.full((M, N + R), float("nan"), device=DEVICE, dtype=DTYPE)
+    gh, d_up, d_bias = grad_out_pass(g, up, h_ref, SCALE, True, True, True, cat_out=g_cat)
+    close(gh, SCALE * gh_ref, "s·gh into [g | s·gh]")
+    close(g_cat[:, :N], g, "g copied into [g | s·gh]")
+    close(d_up, wants["d_up"], "d_up (cat)")
+    close(d_bias, wants["d_bias"], "d_bias (cat)")
+    close(down_grad(gh_ref, x, SCALE), SCALE * gh_ref.t() @ x, "d_down")
+
+
+@check
+def check_cublas() -> None:
+    """cuBLAS strategy: both layouts of the forward (k ≤ n, k > n) and of the backward."""
+    from mm_spectral.kernels.low_rank_cublas import cublas_backward, cublas_forward
+
+    for k, n in ((K, N), (N, K)):  # 48 → 40 and 40 → 48
+        x, w32, b = randn(M, k), randn(n, k).double(), randn(n)
+        down, up = randn(R, k), randn(n, R)
+        w = w32.to(DTYPE)
+        h_ref = x @ down.t()
+        y, x_saved, w_saved, h = cublas_forward(x, w32, b, down, up, SCALE)
+        close(y, x @ w.t() + b + SCALE * h_ref @ up.t(), f"cublas y {k}->{n}")
+        close(h, h_ref, f"cublas h {k}->{n}")
+        close(x_saved, x, f"cublas saved x {k}->{n}")
+        assert w_saved.dtype == DTYPE
+        g = randn(n, M).t()
+        gh = g @ up
+        want = (g @ w + SCALE * gh @ down, g.sum(0), SCALE * gh.t() @ x, SCALE * g.t() @ h_ref)
+        for flags in [(True, True, True, True), (False, False, True, True), (True, False, False, True)]:
+            got = cublas_backward(g, x_saved, w_saved, down, up, h, SCALE, *flags)
+            for name, value, ref, flag in zip(("dx", "d_bias", "d_down", "d_up"), got, want, flags):
+                what = f"cublas backward {name} {k}->{n} needs={flags}"
+                if flag:
+                    close(value, ref, what)
+                else:
+                    assert value is None, what
 
 
 def _linear_grads(x, w, b, down, up, grad_out, mode: str):
@@ -114,35 +176,36 @@ def _linear_grads(x, w, b, down, up, grad_out, mode: str):
 @check
 def check_linear() -> None:
     """LowRankLinear through the kernels ('force') equals its torch path ('off')."""
-    # (leading shape, bias, trainable weight, fuse_down, fuse_gh): 2-D and 3-D inputs
-    # (3·13 = 39 tokens), each option on and off at least once.
+    # (leading shape, bias, trainable weight, strategy, fuse_down, fuse_gh): 2-D and 3-D
+    # inputs (3·13 = 39 tokens), each option on and off at least once.
     cases = [
-        ((M,), True, False, False, False),
-        ((M,), False, True, True, True),
-        ((M,), False, False, True, False),
-        ((3, 13), True, True, True, True),
-        ((3, 13), False, False, False, False),
-        ((3, 13), True, False, False, True),
+        ((M,), True, False, "triton", False, False),
+        ((M,), False, True, "triton", True, True),
+        ((3, 13), True, True, "triton", True, False),
+        ((3, 13), False, False, "triton", False, True),
+        ((M,), True, True, "cublas", False, False),
+        ((3, 13), False, False, "cublas", False, False),
     ]
-    for shape, with_bias, train_weight, fuse_down, fuse_gh in cases:
-        OPTIONS.fuse_down, OPTIONS.fuse_gh = fuse_down, fuse_gh
-        x = randn(*shape, K).requires_grad_()
-        w = randn(N, K).requires_grad_(train_weight)
-        b = randn(N).requires_grad_() if with_bias else None
-        down, up = randn(R, K).requires_grad_(), randn(N, R).requires_grad_()
-        # A non-contiguous gradient of the output.
-        grad_out = randn(*shape[:-1], N, shape[-1]).transpose(-1, -2)
-        y, grads = _linear_grads(x, w, b, down, up, grad_out, "force")
-        y_ref, grads_ref = _linear_grads(x, w, b, down, up, grad_out, "off")
-        what = f"linear {shape + (K,)} bias={with_bias} train_w={train_weight}"
-        what += f" fuse_down={fuse_down} fuse_gh={fuse_gh}"
-        assert y.shape == y_ref.shape, what
-        close(y, y_ref, what + " y")
-        assert len(grads) == len(grads_ref) == 3 + with_bias + train_weight
-        for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
-            assert g.shape == g_ref.shape, f"{what} grad {i}"
-            close(g, g_ref, f"{what} grad {i}")
-    OPTIONS.fuse_down = OPTIONS.fuse_gh = False
+    for shape, with_bias, train_weight, strategy, fuse_down, fuse_gh in cases:
+        OPTIONS.strategy, OPTIONS.fuse_down, OPTIONS.fuse_gh = strategy, fuse_down, fuse_gh
+        for k, n in ((K, N), (N, K)) if strategy == "cublas" else ((K, N),):
+            x = randn(*shape, k).requires_grad_()
+            w = randn(n, k).requires_grad_(train_weight)
+            b = randn(n).requires_grad_() if with_bias else None
+            down, up = randn(R, k).requires_grad_(), randn(n, R).requires_grad_()
+            # A non-contiguous gradient of the output.
+            grad_out = randn(*shape[:-1], n, shape[-1]).transpose(-1, -2)
+            y, grads = _linear_grads(x, w, b, down, up, grad_out, "force")
+            y_ref, grads_ref = _linear_grads(x, w, b, down, up, grad_out, "off")
+            what = f"linear {shape + (k,)}->{n} bias={with_bias} train_w={train_weight}"
+            what += f" {strategy} fuse_down={fuse_down} fuse_gh={fuse_gh}"
+            assert y.shape == y_ref.shape, what
+            close(y, y_ref, what + " y")
+            assert len(grads) == len(grads_ref) == 3 + with_bias + train_weight
+            for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+                assert g.shape == g_ref.shape, f"{what} grad {i}"
+                close(g, g_ref, f"{what} grad {i}")
+    OPTIONS.strategy, OPTIONS.fuse_down, OPTIONS.fuse_gh = "cublas", False, False
 
 
 @check
@@ -168,12 +231,20 @@ def check_spectral() -> None:
             assert err < tol, f"spectral grad {(t, o, i, n)} bf16={bf16}: rel. error {err:.2e}"
 
 
-def main(names: list[str]) -> None:
-    torch.manual_seed(0)
+def main(names: list[str]) -> int:
+    """Run the checks named (all by default); print 'ok NAME' or 'FAIL NAME' for each."""
+    failed = 0
     for name in names or list(CHECKS):
-        CHECKS[name]()
-        print(f"ok {name}", flush=True)
+        torch.manual_seed(0)
+        try:
+            CHECKS[name]()
+        except Exception:
+            failed += 1
+            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+        else:
+            print(f"ok {name}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

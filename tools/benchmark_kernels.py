@@ -1,26 +1,28 @@
-"""Microbenchmark of one adapted linear's training step: the Triton kernels against torch.
+"""Microbenchmark of one adapted linear's training step: the kernels against torch.
 
-For ViT-L/16 shapes (4 images × 1025 tokens, width 1024, MLP 4096, LoRA rank 16, bf16) it
-times forward + backward of one linear layer (gradients to the input and to whatever
-trains) for:
+For ViT-L/16 shapes (4 images × 1025 tokens, width 1024, MLP 4096, LoRA rank 16) it
+times forward + backward of one linear layer as a ViT training step runs it — float32
+master weights, bf16 autocast, gradients to the input and to whatever trains — for:
 
 - floor: the frozen base linear (gradient to the input only);
 - full: full fine-tuning of that linear (weight and bias gradients too);
 - LoRA torch: today's ``LowRankLinear`` path (cuBLAS GEMMs plus thin GEMMs and addmm);
-- LoRA fused: the Triton kernels (``mm_spectral.kernels``), each variant of
-  ``FusedOptions`` (fuse_down: h = x Aᵀ inside the forward GEMM; fuse_gh: one backward kernel);
+- LoRA fused: ``mm_spectral.kernels`` — the cuBLAS strategy (the rank term folded into
+  cuBLAS GEMMs over concatenated operands, thin products in Triton passes) and the Triton
+  strategy (Triton GEMMs with the rank term in their reduction; two of its variants);
 - FourierFT dense: today's path (ΔW by an inverse real FFT, one GEMM with W + ΔW, the
   coefficients' gradient through gᵀx and a 2-D FFT);
 - FourierFT sampled: the coefficients' gradient from the row spectra (the fused kernel
   on a GPU, the torch route elsewhere);
 
-then the FourierFT coefficient gradient alone by each route (with its error against a
-float64 reference), and kernel-level comparisons with cuBLAS. Times are medians of
-CUDA-graph replays (no host overhead: the setting of the issue's targets) and of eager
-steps (host-synchronised wall time). Markdown tables; ``--json`` also writes the numbers.
+then kernel-level times (cuBLAS GEMMs, each pass), the FourierFT coefficient gradient
+alone by each route (with its error against a float64 reference, and the fused kernel's
+parts timed separately), and 24 same-shape FourierFT ΔW builds one by one against one
+batched build. Times are medians of CUDA-graph replays (no host overhead: the setting of
+the issue's targets) and of eager steps (host-synchronised wall time).
 
     python tools/benchmark_kernels.py                       # GPU, ViT-L shapes
-    python tools/benchmark_kernels.py --profile             # + top GPU kernels per case
+    python tools/benchmark_kernels.py --only lora --profile # + top GPU kernels per case
     python tools/benchmark_kernels.py --device cpu --tiny   # smoke run (seconds)
 
 On the CPU (smoke mode) the kernels run only where Triton can run there, i.e. under
@@ -36,7 +38,9 @@ import os.path as osp
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
@@ -51,12 +55,12 @@ from mm_spectral.adapters.spectral import sparse_spectrum_to_real  # noqa: E402
 from mm_spectral.kernels import OPTIONS, set_fused_low_rank_mode, triton_available  # noqa: E402
 from mm_spectral.kernels.spectral_grad import sampled_spectrum_grad  # noqa: E402
 
-VARIANTS = {  # name: (fuse_down, fuse_gh)
-    "LoRA fused": (False, False),
-    "LoRA fused, h in GEMM": (True, False),
-    "LoRA fused, 1-kernel bwd": (False, True),
-    "LoRA fused, both": (True, True),
+VARIANTS = {  # name: kernel options
+    "LoRA fused, cuBLAS strategy": dict(strategy="cublas"),
+    "LoRA fused, Triton GEMMs": dict(strategy="triton", fuse_down=False, fuse_gh=False),
+    "LoRA fused, Triton GEMMs, h in GEMM": dict(strategy="triton", fuse_down=True, fuse_gh=False),
 }
+FLOOR = "floor (frozen linear)"
 
 
 @dataclass
@@ -65,12 +69,15 @@ class Shapes:
     layers: dict[str, tuple[int, int]]  # name: (in, out)
     rank: int
     n: int  # FourierFT coefficients
-    dtype: torch.dtype
+    dtype: torch.dtype  # compute dtype (autocast when not float32)
+    batched_layers: int
 
 
-VIT_L = Shapes(4 * 1025, {"fc1 1024→4096": (1024, 4096), "fc2 4096→1024": (4096, 1024)}, 16,
-               3000, torch.bfloat16)  # fmt: skip
-TINY = Shapes(37, {"tiny 48→64": (48, 64)}, 4, 40, torch.float32)
+VIT_L = Shapes(
+    4 * 1025, {"fc1 1024→4096": (1024, 4096), "fc2 4096→1024": (4096, 1024)}, 16, 3000,
+    torch.bfloat16, 24,
+)  # fmt: skip
+TINY = Shapes(37, {"tiny 48→64": (48, 64)}, 4, 40, torch.float32, 3)
 
 
 @dataclass
@@ -78,7 +85,8 @@ class Timer:
     device: str
     graphs: bool
     iters: int
-    results: dict[str, dict[str, float]] = field(default_factory=dict)
+    results: dict[str, dict[str, dict]] = field(default_factory=dict)
+    keep: list = field(default_factory=list)  # graphs stay alive: their pools are not reused
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -107,9 +115,10 @@ class Timer:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
+        self.keep.append(graph)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         reps, times = 20, []
-        for _ in range(max(3, self.iters // reps)):
+        for _ in range(5):
             start.record()
             for _ in range(reps):
                 graph.replay()
@@ -118,14 +127,19 @@ class Timer:
             times.append(start.elapsed_time(end) / reps)
         return statistics.median(times)
 
-    def run(self, table: str, name: str, step: Callable[[], object]) -> None:
-        for _ in range(3 if self.iters > 2 else 1):  # warm-up: autotuning, cuFFT plans
-            step()
-        self.sync()
-        row = {"eager_ms": self.eager(step)}
-        graph_ms = self.graph(step)
-        if graph_ms is not None:
-            row["graph_ms"] = graph_ms
+    def run(self, table: str, name: str, step: Callable[[], object], **extra: object) -> None:
+        try:
+            for _ in range(3 if self.iters > 2 else 1):  # warm-up: autotuning, FFT plans
+                step()
+            self.sync()
+            row: dict = {"eager_ms": self.eager(step)}
+            graph_ms = self.graph(step)
+            if graph_ms is not None:
+                row["graph_ms"] = graph_ms
+        except Exception as error:  # a failing case is reported, the others still run
+            traceback.print_exc()
+            row = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
+        row.update(extra)
         self.results.setdefault(table, {})[name] = row
         print(f"  {table} | {name}: {row}", flush=True)
 
@@ -134,9 +148,8 @@ def grads(y: torch.Tensor, inputs: list[torch.Tensor], grad_out: torch.Tensor) -
     return torch.autograd.grad(y, inputs, grad_out)
 
 
-def with_options(fn: Callable[[], object], **options: object) -> Callable[[], object]:
-    """``fn`` run with kernel options/mode set (read when the ops are issued)."""
-    mode = options.pop("mode", None)
+def with_options(fn: Callable[[], object], mode: str | None = None, **options: object):
+    """``fn`` run with the kernel mode and options set (they are read when ops are issued)."""
 
     def step() -> object:
         saved = {k: getattr(OPTIONS, k) for k in options}
@@ -154,124 +167,192 @@ def with_options(fn: Callable[[], object], **options: object) -> Callable[[], ob
     return step
 
 
+def make_rand(device: str, seed: int) -> Callable[..., torch.Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float32):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    return rand
+
+
 def layer_steps(shapes: Shapes, k: int, n: int, device: str, kernels: bool, fused_mode: str):
-    """name → step closure for one layer shape (in-features k, out-features n)."""
+    """name → step closure for one layer (in-features k, out-features n)."""
     dt = shapes.dtype
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
-
-    x = rand(shapes.tokens, k).requires_grad_()
-    weight, bias = rand(n, k, scale=k**-0.5), rand(n, scale=0.1)
+    rand = make_rand(device, 0)
+    x = rand(shapes.tokens, k, dtype=dt).requires_grad_()  # activations in the compute dtype
+    weight, bias = rand(n, k, scale=k**-0.5), rand(n, scale=0.1)  # float32 master weights
     weight_t, bias_t = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    down = rand(shapes.rank, k, scale=k**-0.5).float().requires_grad_()
-    up = rand(n, shapes.rank, scale=0.1).float().requires_grad_()
-    grad_out = rand(shapes.tokens, n)
-    layer = torch.nn.Linear(k, n, device=device, dtype=dt).requires_grad_(False)
+    down = rand(shapes.rank, k, scale=k**-0.5).requires_grad_()
+    up = rand(n, shapes.rank, scale=0.1).requires_grad_()
+    grad_out = rand(shapes.tokens, n, dtype=dt)
+    layer = torch.nn.Linear(k, n, device=device).requires_grad_(False)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
-    fourier = FourierFT(LayerSpec("bench", "linear", (n, k)), n=shapes.n, alpha=150.0)
-    fourier = fourier.to(device)
-    fourier.weight_dtype = dt
-    ctx = torch.autocast(device, dtype=dt) if dt != torch.float32 else _null()
+    fourier = FourierFT(LayerSpec("bench", "linear", (n, k)), n=shapes.n, alpha=150.0).to(device)
+
+    def ctx():
+        return torch.autocast(device, dtype=dt) if dt != torch.float32 else nullcontext()
+
+    def floor() -> object:
+        with ctx():
+            return grads(F.linear(x, weight, bias), [x], grad_out)
+
+    def full() -> object:
+        with ctx():
+            return grads(F.linear(x, weight_t, bias_t), [x, weight_t, bias_t], grad_out)
 
     def lora() -> object:
-        with ctx:
+        with ctx():
             y = low_rank_linear(x, weight, bias, down, up, 1.0)
         return grads(y, [x, down, up], grad_out)
 
     def fourier_step() -> object:
-        with ctx:
+        with ctx():
             y = fourier(x, layer)
         return grads(y, [x, fourier.coefficients], grad_out)
 
-    steps = {
-        "floor (frozen linear)": lambda: grads(F.linear(x, weight, bias), [x], grad_out),
-        "full fine-tuning": lambda: grads(
-            F.linear(x, weight_t, bias_t), [x, weight_t, bias_t], grad_out
-        ),
-        "LoRA torch": with_options(lora, mode="off"),
-    }
+    steps = {FLOOR: floor, "full fine-tuning": full, "LoRA torch": with_options(lora, "off")}
     if kernels:
-        for name, (fuse_down, fuse_gh) in VARIANTS.items():
-            steps[name] = with_options(lora, mode=fused_mode, fuse_down=fuse_down, fuse_gh=fuse_gh)
+        variants = list(VARIANTS.items())
+        for name, options in variants[:2] if shapes is TINY else variants:
+            steps[name] = with_options(lora, fused_mode, **options)
     steps["FourierFT dense"] = with_options(fourier_step, fourier_grad="dense")
-    if kernels:
-        steps["FourierFT sampled"] = with_options(fourier_step, fourier_grad="sampled")
+    steps["FourierFT sampled"] = with_options(fourier_step, fourier_grad="sampled")
     return steps
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def step_errors(steps: dict[str, Callable[[], object]]) -> dict[str, float | str]:
+    """Relative error of each fused variant's gradients against its torch path (LoRA fused
+    against LoRA torch, FourierFT sampled against FourierFT dense): the largest over inputs."""
+    references = {"LoRA fused": "LoRA torch", "FourierFT sampled": "FourierFT dense"}
+    errors: dict[str, float | str] = {}
+    for prefix, base in references.items():
+        reference = [t.double() for t in steps[base]()]
+        for name, step in steps.items():
+            if not name.startswith(prefix):
+                continue
+            try:
+                got = [t.double() for t in step()]
+                errors[name] = max(
+                    ((a - b).norm() / b.norm()).item() for a, b in zip(got, reference)
+                )
+            except Exception as error:
+                errors[name] = type(error).__name__
+    return errors
 
-    def __exit__(self, *args: object) -> None:
-        return None
+
+def kernel_steps(shapes: Shapes, k: int, n: int, device: str):
+    """cuBLAS GEMMs, the passes, and the Triton GEMMs one by one (GPU only)."""
+    from mm_spectral.kernels.low_rank_backward import low_rank_backward
+    from mm_spectral.kernels.low_rank_forward import low_rank_forward
+    from mm_spectral.kernels.low_rank_passes import down_grad, down_projection, grad_out_pass
+
+    dt, r = shapes.dtype, shapes.rank
+    rand = make_rand(device, 2)
+    x, w, b = rand(shapes.tokens, k, dtype=dt), rand(n, k, dtype=dt), rand(n, dtype=dt)
+    down, up = rand(r, k, dtype=dt), rand(n, r, dtype=dt)
+    g = rand(shapes.tokens, n, dtype=dt)
+    h = x @ down.t()
+    gh = (g @ up).float()
+    x_cat = torch.empty(shapes.tokens, k + r, device=device, dtype=dt)
+    g_cat = torch.empty(shapes.tokens, n + r, device=device, dtype=dt)
+    return {
+        "cuBLAS y = x Wᵀ + b": lambda: F.linear(x, w, b),
+        "cuBLAS dx = g W": lambda: torch.mm(g, w),
+        "pass: h = x downᵀ": lambda: down_projection(x, down),
+        "pass: h and [x | h]": lambda: down_projection(x, down, cat_out=x_cat),
+        "pass: gh, d_up over g": lambda: grad_out_pass(g, up, h, 1.0, True, True, False),
+        "pass: gh, d_up and [g | s·gh]": lambda: grad_out_pass(
+            g, up, h, 1.0, True, True, False, cat_out=g_cat
+        ),
+        "pass: d_down = ghᵀ x": lambda: down_grad(gh, x, 1.0),
+        "Triton GEMM fwd (rank term in it)": lambda: low_rank_forward(x, w, b, down, up, 1.0),
+        "Triton GEMM bwd (dx, d_down, + pass)": lambda: low_rank_backward(
+            g, x, w, down, up, h, 1.0, True, False, True, True
+        ),
+    }
 
 
 def gradient_steps(shapes: Shapes, k: int, n: int, device: str, kernels: bool):
-    """FourierFT's coefficient gradient alone, given g and x: name → (step, result getter)."""
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(shapes.tokens, k, generator=gen).to(device, shapes.dtype)
-    g = (torch.randn(shapes.tokens, n, generator=gen) * 1e-3).to(device, shapes.dtype)
+    """FourierFT's coefficient gradient alone, given g and x: name → (step, rel. error)."""
+    rand = make_rand(device, 1)
+    x = rand(shapes.tokens, k, dtype=shapes.dtype)
+    g = rand(shapes.tokens, n, scale=1e-3, dtype=shapes.dtype)
     fourier = FourierFT(LayerSpec("bench", "linear", (n, k)), n=shapes.n, alpha=150.0).to(device)
     coefficients, positions, indices = fourier.coefficients, fourier.positions, fourier.indices
-    reference = sampled_spectrum_grad(g.double(), x.double(), indices, 150.0)
+    delta = sparse_spectrum_to_real(coefficients, positions, (n, k), 150.0)
 
-    def dense() -> torch.Tensor:  # today's backward: gᵀx, then the FFT and gather
-        delta = sparse_spectrum_to_real(coefficients, positions, (n, k), 150.0)
-        return torch.autograd.grad(delta, coefficients, torch.mm(g.t(), x))[0]
+    def dense() -> torch.Tensor:  # today's backward: gᵀx, then the 2-D FFT and the gather
+        return torch.autograd.grad(delta, coefficients, torch.mm(g.t(), x), retain_graph=True)[0]
 
     steps = {
-        "dense gᵀx + rfft2": dense,
-        "sampled, torch FFTs (spectra in memory)": lambda: sampled_spectrum_grad(g, x, indices, 150.0),
+        "dense: gᵀx GEMM + rfft2 + gather": dense,
+        "sampled, torch FFTs (spectra in memory)": lambda: sampled_spectrum_grad(
+            g, x, indices, 150.0
+        ),
     }
+    profile_only = set()
     if kernels:
         from mm_spectral.kernels.spectral_grad_kernel import fused_spectrum_grad, fused_supported
 
         if fused_supported(n, k):
-            bf16_ok = device == "cuda"  # the interpreter has no bf16 dots
-            if bf16_ok:
-                steps["sampled, fused kernel (bf16 DFT)"] = lambda: fused_spectrum_grad(
-                    g, x, indices, 150.0, bf16=True
+
+            def fused(**kw: object) -> Callable[[], torch.Tensor]:
+                return lambda: fused_spectrum_grad(g, x, indices, 150.0, **kw)
+
+            gpu = device == "cuda"  # the interpreter has no bf16 dots
+            if gpu:
+                steps["sampled, fused kernel (bf16 DFT)"] = fused(bf16=True)
+                steps["  part: its DFTs alone"] = fused(bf16=True, profile="dft")
+                steps["  part: its loads + sampled product alone"] = fused(
+                    bf16=True, profile="sample"
                 )
-            steps["sampled, fused kernel (TF32 DFT)"] = lambda: fused_spectrum_grad(
-                g, x, indices, 150.0, bf16=False
-            )
+                profile_only = {"  part: its DFTs alone", "  part: its loads + sampled product alone"}
+            steps["sampled, fused kernel (TF32 DFT)"] = fused(bf16=False)
+    reference = sampled_spectrum_grad(g.double(), x.double(), indices, 150.0)
     errors = {}
     for name, step in steps.items():
-        got = step().double()
-        errors[name] = ((got - reference).norm() / reference.norm()).item()
+        if name in profile_only:
+            continue
+        try:
+            got = step().double()
+            errors[name] = ((got - reference).norm() / reference.norm()).item()
+        except Exception as error:
+            errors[name] = f"{type(error).__name__}"
     return steps, errors
 
 
-def kernel_steps(shapes: Shapes, k: int, n: int, device: str):
-    """cuBLAS against the fused kernels, forward and backward separately (GPU only)."""
-    from mm_spectral.kernels.low_rank_backward import low_rank_backward
-    from mm_spectral.kernels.low_rank_forward import low_rank_forward
+def batched_steps(shapes: Shapes, device: str):
+    """``layers`` FourierFT ΔW of one shape (fc1's), built and backpropagated one by one
+    and as one batch."""
+    from mm_spectral.kernels.batched_spectra import batched_fourierft_deltas
 
-    dt = shapes.dtype
-    x = torch.randn(shapes.tokens, k, device=device, dtype=dt)
-    w = torch.randn(n, k, device=device, dtype=dt) * k**-0.5
-    b = torch.randn(n, device=device, dtype=dt)
-    down = torch.randn(shapes.rank, k, device=device, dtype=dt) * k**-0.5
-    up = torch.randn(n, shapes.rank, device=device, dtype=dt)
-    g = torch.randn(shapes.tokens, n, device=device, dtype=dt)
-    h = x @ down.t()
-    return {
-        "fwd cuBLAS x Wᵀ + b": lambda: F.linear(x, w, b),
-        "fwd fused": lambda: low_rank_forward(x, w, b, down, up, 1.0),
-        "fwd fused, h in GEMM": lambda: low_rank_forward(x, w, b, down, up, 1.0, fuse_down=True),
-        "bwd cuBLAS g W": lambda: torch.mm(g, w),
-        "bwd fused (2 kernels)": lambda: low_rank_backward(
-            g, x, w, down, up, h, 1.0, True, False, True, True
-        ),
-        "bwd fused (1 kernel)": lambda: low_rank_backward(
-            g, x, w, down, up, h, 1.0, True, False, True, True, fuse_gh=True
-        ),
-    }
+    k, n = next(iter(shapes.layers.values()))
+    adapters = [
+        FourierFT(LayerSpec(f"l{i}", "linear", (n, k)), n=shapes.n, alpha=150.0).to(device)
+        for i in range(shapes.batched_layers)
+    ]
+    params = [a.coefficients for a in adapters]
+    probe = make_rand(device, 3)(n, k)
+
+    def one_by_one() -> object:
+        deltas = [a.delta() for a in adapters]
+        return torch.autograd.grad(sum((d * probe).sum() for d in deltas), params)
+
+    def batched() -> object:
+        deltas = batched_fourierft_deltas(adapters)
+        return torch.autograd.grad(sum((d * probe).sum() for d in deltas), params)
+
+    return {"one irfft2 per layer": one_by_one, "one batched irfft2": batched}
+
+
+def wanted(name: str, sections: list[str]) -> bool:
+    """Whether a step case belongs to the sections run (floor and full FT always do)."""
+    if name in (FLOOR, "full fine-tuning"):
+        return True
+    return ("fourier" if "FourierFT" in name else "lora") in sections
 
 
 def profile(step: Callable[[], object], top: int = 8) -> list[tuple[str, float]]:
@@ -294,20 +375,23 @@ def profile(step: Callable[[], object], top: int = 8) -> list[tuple[str, float]]
     return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
 
 
-def table(title: str, rows: dict[str, dict[str, float]], floor: str | None) -> str:
+def table(title: str, rows: dict[str, dict], floor: str | None) -> str:
     has_graph = any("graph_ms" in r for r in rows.values())
     key = "graph_ms" if has_graph else "eager_ms"
-    base = rows[floor][key] if floor in rows else None
+    base = rows.get(floor, {}).get(key) if floor else None
     head = "| case | " + ("graph ms | " if has_graph else "") + "eager ms |"
     head += " × floor |" if base else ""
     lines = [f"### {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in rows.items():
-        cells = [name] + ([f"{r['graph_ms']:.4f}"] if has_graph else []) + [f"{r['eager_ms']:.4f}"]
+        label = name.strip()
+        if isinstance(r.get("rel_error"), float):
+            label += f" (rel. err {r['rel_error']:.1e})"
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error']} |")
+            continue
+        cells = [label] + ([f"{r['graph_ms']:.4f}"] if has_graph else []) + [f"{r['eager_ms']:.4f}"]
         if base:
             cells.append(f"{r[key] / base:.2f}")
-        extra = r.get("rel_error")
-        if extra is not None:
-            cells[0] += f" (rel. err {extra:.1e})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -318,7 +402,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--no-graphs", action="store_true", help="eager timings only")
-    parser.add_argument("--profile", action="store_true", help="top GPU kernels per case")
+    parser.add_argument("--profile", action="store_true", help="top GPU kernels per step case")
+    parser.add_argument(
+        "--only", nargs="*", default=["lora", "fourier", "batched"],
+        choices=["lora", "fourier", "batched"], help="sections to run",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
     device = args.device
@@ -327,42 +415,56 @@ def main() -> None:
     # The kernels run compiled on a GPU, or in Triton's interpreter on the CPU (float32).
     kernels = triton_available() and (device == "cuda" or interpret)
     fused_mode = "auto" if device == "cuda" else "force"
-    timer = Timer(device, not args.no_graphs, args.iters or (1 if args.tiny else 100))
+    timer = Timer(device, not args.no_graphs, args.iters or (1 if args.tiny else 30))
     if device == "cuda":
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", end="")
-        if triton_available():
-            import triton
+        import triton
 
-            print(f", triton {triton.__version__}", end="")
-        print(f", tokens {shapes.tokens}, rank {shapes.rank}, {shapes.dtype}", flush=True)
-    out = []
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{triton.__version__}, tokens {shapes.tokens}, rank {shapes.rank}, "
+              f"{shapes.dtype} autocast, float32 weights", flush=True)  # fmt: skip
     profiles: dict[str, list[tuple[str, float]]] = {}
+
+    def flush(titles: list[str]) -> None:
+        for title in titles:
+            floor = FLOOR if title.startswith("step") else None
+            print("\n" + table(title, timer.results.get(title, {}), floor), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"results": timer.results, "profiles": profiles}, f, indent=1)
+
     for layer, (k, n) in shapes.layers.items():
-        steps = layer_steps(shapes, k, n, device, kernels, fused_mode)
-        for name, step in steps.items():
-            timer.run(f"step {layer}", name, step)
-            if args.profile and device == "cuda":
-                profiles[f"{layer} | {name}"] = profile(step)
-        grad_steps, errors = gradient_steps(shapes, k, n, device, kernels)
-        for name, step in grad_steps.items():
-            timer.run(f"FourierFT coefficient gradient {layer}", name, step)
-            timer.results[f"FourierFT coefficient gradient {layer}"][name]["rel_error"] = errors[
-                name
-            ]
-        if kernels and device == "cuda":
+        if "lora" in args.only or "fourier" in args.only:
+            title = f"step {layer}"
+            steps = layer_steps(shapes, k, n, device, kernels, fused_mode)
+            errors = step_errors(steps)
+            for name, step in steps.items():
+                if not wanted(name, args.only):
+                    continue
+                timer.run(title, name, step, rel_error=errors.get(name))
+                if args.profile and device == "cuda" and "error" not in timer.results[title][name]:
+                    profiles[f"{layer} | {name}"] = profile(step)
+            flush([title])
+        if "lora" in args.only and kernels and device == "cuda":
+            title = f"kernels {layer}"
             for name, step in kernel_steps(shapes, k, n, device).items():
-                timer.run(f"kernels {layer}", name, step)
-    for title, rows in timer.results.items():
-        floor = "floor (frozen linear)" if title.startswith("step") else None
-        out.append(table(title, rows, floor))
+                timer.run(title, name, step)
+            flush([title])
+        if "fourier" in args.only:
+            title = f"FourierFT coefficient gradient {layer}"
+            grad_steps, errors = gradient_steps(shapes, k, n, device, kernels)
+            for name, step in grad_steps.items():
+                timer.run(title, name, step, rel_error=errors.get(name))
+            flush([title])
+    if "batched" in args.only:
+        title = f"{shapes.batched_layers} FourierFT ΔW builds (fwd + bwd)"
+        for name, step in batched_steps(shapes, device).items():
+            timer.run(title, name, step)
+        flush([title])
     if profiles:
-        out.append("### GPU kernels per eager step (µs)\n")
-        for case, kernels_top in profiles.items():
-            out.append(f"- {case}: " + "; ".join(f"{k[:60]} {v:.1f}" for k, v in kernels_top))
-    print("\n" + "\n".join(out))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": timer.results, "profiles": profiles}, f, indent=1)
+        print("### GPU kernels per eager step (µs)\n")
+        for case, top in profiles.items():
+            print(f"- {case}: " + "; ".join(f"{name[:70]} {us:.1f}" for name, us in top))
+        flush([])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.dispatch import (
+    OPTIONS,
     fused_low_rank_backward,
     fused_low_rank_forward,
     use_fused_low_rank,
@@ -45,12 +46,14 @@ class LowRankLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, down, up, scale: float):  # type: ignore[override]
         dtype = _compute_dtype(x)
         x2 = _as(_rows(x), dtype)
-        w, d, u = _as(weight, dtype), _as(down, dtype), _as(up, dtype)
+        d, u = _as(down, dtype), _as(up, dtype)
         b = None if bias is None else _as(bias, dtype)
-        ctx.fused = use_fused_low_rank(x2, w, u)
-        if ctx.fused:  # Triton: the rank-r term inside the GEMM (mm_spectral.kernels)
-            y, hidden = fused_low_rank_forward(x2, w, b, d, u, scale)
+        ctx.fused = use_fused_low_rank(x2, weight, u)
+        if ctx.fused:  # the rank-r term inside the GEMMs' reduction (mm_spectral.kernels)
+            ctx.strategy = OPTIONS.strategy
+            y, x2, w, hidden = fused_low_rank_forward(x2, weight, b, d, u, scale)
         else:
+            w = _as(weight, dtype)
             hidden = F.linear(x2, d)
             y = F.linear(x2, w, b)
             y.addmm_(hidden, u.t(), alpha=scale)
@@ -67,7 +70,7 @@ class LowRankLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_d = grad_u = None
         if ctx.fused:
             grad_x, grad_b, grad_d, grad_u = fused_low_rank_backward(
-                g, x2, w, d, u, hidden, scale, need_x, need_b, need_d, need_u
+                g, x2, w, d, u, hidden, scale, need_x, need_b, need_d, need_u, ctx.strategy
             )
             if need_x and len(ctx.x_shape) != 2:
                 grad_x = grad_x.view(ctx.x_shape)

@@ -39,15 +39,21 @@ MAX_RANK = 64  # the rank tile is padded to a power of two ≥ 16; larger ranks 
 
 @dataclass
 class FusedOptions:
-    """Variants of the fused kernels (both exact; which is faster depends on the GPU).
+    """Variants of the fused kernels (all exact; which is faster depends on the GPU).
 
+    strategy: "cublas" — cuBLAS GEMMs over concatenated operands plus Triton passes
+        (``low_rank_cublas``); "triton" — Triton GEMMs with the rank term in their
+        epilogue/reduction (``low_rank_forward``/``low_rank_backward``), which the two
+        options below tune.
     fuse_down: the forward accumulates h = x downᵀ inside its GEMM (R/BLOCK_N more
         tensor-core work) instead of one thin cuBLAS GEMM that reads x once more.
     fuse_gh: the backward takes g·up, d_up and d_bias from the dx GEMM's own g tiles
         (one kernel) instead of a separate memory-bound pass over g (two kernels).
     fourier_grad: how FourierFT's coefficient gradient is computed on linear layers.
+    Options are read when an op is issued (so a CUDA graph keeps those of its capture).
     """
 
+    strategy: str = "cublas"
     fuse_down: bool = False
     fuse_gh: bool = False
     # FourierFT on linear layers: "dense" (backpropagate through ΔW: a gᵀx GEMM) or
@@ -102,11 +108,21 @@ def use_fused_low_rank(x2: Tensor, weight: Tensor, up: Tensor) -> bool:
 
 def fused_low_rank_forward(
     x2: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float
-) -> tuple[Tensor, Tensor]:
-    """(y, h = x2 downᵀ) through the Triton forward kernel (see ``low_rank_forward``)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, x, w, h) by the fused kernels: the output and what the backward needs.
+
+    ``weight`` may be in any float dtype (its cast to x2's is made here); the others are
+    in x2's dtype. See ``low_rank_cublas.cublas_forward`` for the returned tensors.
+    """
+    if OPTIONS.strategy == "cublas":
+        from .low_rank_cublas import cublas_forward
+
+        return cublas_forward(x2, weight, bias, down, up, scale)
     from .low_rank_forward import low_rank_forward
 
-    return low_rank_forward(x2, weight, bias, down, up, scale, fuse_down=OPTIONS.fuse_down)
+    w = weight if weight.dtype == x2.dtype else weight.to(x2.dtype)
+    y, h = low_rank_forward(x2, w, bias, down, up, scale, fuse_down=OPTIONS.fuse_down)
+    return y, x2, w, h
 
 
 def fused_low_rank_backward(
@@ -121,8 +137,15 @@ def fused_low_rank_backward(
     need_bias: bool,
     need_down: bool,
     need_up: bool,
+    strategy: str,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """(dx, d_bias, d_down, d_up) through the Triton backward kernels (``low_rank_backward``)."""
+    """(dx, d_bias, d_down, d_up) by the fused kernels of ``strategy`` (the forward's)."""
+    if strategy == "cublas":
+        from .low_rank_cublas import cublas_backward
+
+        return cublas_backward(
+            grad_out, x2, weight, down, up, hidden, scale, need_x, need_bias, need_down, need_up
+        )
     from .low_rank_backward import low_rank_backward
 
     return low_rank_backward(

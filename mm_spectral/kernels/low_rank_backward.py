@@ -9,7 +9,7 @@ and x once more. Here the dx GEMM (``_grad_input_kernel``) carries everything:
   so dx is written once;
 - each program loads its x tile once more and writes its share of d_down = s ghᵀ x;
 - gh, d_up and d_bias come either from a separate memory-bound pass over g
-  (``_grad_out_pass_kernel``: tensor-core dots on tiles already loaded) or, with
+  (:func:`~mm_spectral.kernels.low_rank_passes.grad_out_pass`) or, with
   ``fuse_gh``, from the GEMM's own g tiles: gh accumulated in the N loop (R/BLOCK_N more
   tensor-core work, no extra read of g), d_up and d_bias from each g tile by exactly one
   of the programs that load it.
@@ -26,78 +26,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .tiles import (
-    GEMM_PRUNE_FP32,
-    PASS_PRUNE_FP32,
-    dot_precision,
-    gemm_configs,
-    pass_configs,
-    prune_for,
-    rank_block,
-    smallest_block_m,
-)
-
-# Target number of programs of the pass over g (it must fill the GPU to stream at full
-# bandwidth): the out-features are split into chunks until the grid reaches it.
-PASS_PROGRAMS = 528
+from .low_rank_passes import grad_out_pass
+from .tiles import GEMM, dot_precision, rank_block
 
 
 @triton.autotune(
-    configs=pass_configs(),
-    key=["M", "N", "R", "NEED_GH", "NEED_DUP", "NEED_DB"],
-    prune_configs_by={"early_config_prune": prune_for("g_ptr", PASS_PRUNE_FP32)},
-)
-@triton.jit
-def _grad_out_pass_kernel(
-    g_ptr, up_ptr, h_ptr, gh_ptr, dup_ptr, db_ptr,
-    M, N, R, chunk,
-    stride_gm, stride_gn, stride_un, stride_ur, stride_hm, stride_hr,
-    stride_gh_s, stride_gh_m, stride_dup_s, stride_dup_n, stride_db_s,
-    scale,
-    NEED_GH: tl.constexpr, NEED_DUP: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Program (pid_m, pid_s): gh, d_up, d_bias of token tile pid_m over out-feature chunk pid_s."""
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    row_ok = offs_m < M
-    rank_ok = offs_r < R
-    if NEED_DUP:
-        h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr
-        h = tl.load(h_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    gh = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    start = pid_s * chunk
-    for n0 in range(start, tl.minimum(start + chunk, N), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
-        g = tl.load(g_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if NEED_GH:
-            u_ptrs = up_ptr + offs_n[:, None] * stride_un + offs_r[None, :] * stride_ur
-            u = tl.load(u_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-            gh = tl.dot(g, u, gh, input_precision=PRECISION)
-        if NEED_DUP:
-            # (BLOCK_N, BLOCK_R)
-            part = tl.dot(tl.trans(g), h, input_precision=PRECISION) * scale
-            dup_ptrs = (
-                dup_ptr + pid_m * stride_dup_s + offs_n[:, None] * stride_dup_n + offs_r[None, :]
-            )
-            tl.store(dup_ptrs, part, mask=col_ok[:, None] & rank_ok[None, :])
-        if NEED_DB:
-            col_sums = tl.sum(g.to(tl.float32), 0)
-            tl.store(db_ptr + pid_m * stride_db_s + offs_n, col_sums, mask=col_ok)
-    if NEED_GH:
-        gh_ptrs = gh_ptr + pid_s * stride_gh_s + offs_m[:, None] * stride_gh_m + offs_r[None, :]
-        tl.store(gh_ptrs, gh, mask=row_ok[:, None] & rank_ok[None, :])
-
-
-@triton.autotune(
-    configs=gemm_configs(),
+    configs=GEMM.configs(),
     key=["M", "N", "K", "R", "NEED_DX", "NEED_DDOWN", "FUSE_GH", "NEED_DUP", "NEED_DB"],
-    prune_configs_by={"early_config_prune": prune_for("x_ptr", GEMM_PRUNE_FP32)},
+    prune_configs_by=GEMM.prune_by("x_ptr"),
 )
 @triton.jit
 def _grad_input_kernel(
@@ -191,15 +127,6 @@ def _grad_input_kernel(
         tl.store(dd_ptrs, part, mask=rank_ok[:, None] & col_ok[None, :])
 
 
-def _min_block_m(kernel: triton.runtime.Autotuner, dtype: torch.dtype) -> int:
-    return smallest_block_m(kernel.configs, dtype)
-
-
-def _used_tiles_m(kernel: triton.runtime.Autotuner, m: int) -> int:
-    """Token tiles of the config the autotuner just launched (its partial-sum slices)."""
-    return triton.cdiv(m, kernel.best_config.kwargs["BLOCK_M"])
-
-
 def low_rank_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -232,42 +159,12 @@ def low_rank_backward(
     precision = dot_precision(x.dtype)
     need_gh = need_x or need_down
     f32 = dict(device=x.device, dtype=torch.float32)
-    gemm_tiles_m = triton.cdiv(m, _min_block_m(_grad_input_kernel, x.dtype))
+    gemm_tiles_m = triton.cdiv(m, GEMM.smallest_block_m(x.dtype))
     run_gemm = need_gh or (fuse_gh and (need_up or need_bias))
     gh = dup_parts = db_parts = None
     d_bias = d_down = d_up = None
-
     if not fuse_gh and (need_gh or need_up or need_bias):
-        # The split of N is fixed before the autotuner picks a tile: it assumes the
-        # smallest BLOCK_M and the largest BLOCK_N of the configs.
-        tiles_m = triton.cdiv(m, _min_block_m(_grad_out_pass_kernel, x.dtype))
-        max_bn = max(c.kwargs["BLOCK_N"] for c in _grad_out_pass_kernel.configs)
-        splits = max(1, min(triton.cdiv(n, max_bn), triton.cdiv(PASS_PROGRAMS, tiles_m)))
-        chunk = triton.cdiv(triton.cdiv(n, splits), max_bn) * max_bn
-        splits = triton.cdiv(n, chunk)
-        gh_parts = torch.empty((splits, m, r) if need_gh else (1, 1, 1), **f32)
-        pass_dup = torch.empty((tiles_m, n, r) if need_up else (1, 1, 1), **f32)
-        pass_db = torch.empty((tiles_m, n) if need_bias else (1, 1), **f32)
-
-        def pass_grid(meta: dict) -> tuple[int, int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]), splits)
-
-        _grad_out_pass_kernel[pass_grid](
-            grad_out, up, hidden, gh_parts, pass_dup, pass_db,
-            m, n, r, chunk,
-            grad_out.stride(0), grad_out.stride(1), up.stride(0), up.stride(1),
-            hidden.stride(0), hidden.stride(1),
-            gh_parts.stride(0), gh_parts.stride(1), pass_dup.stride(0), pass_dup.stride(1),
-            pass_db.stride(0),
-            float(scale),
-            NEED_GH=need_gh, NEED_DUP=need_up, NEED_DB=need_bias, BLOCK_R=block_r,
-            PRECISION=precision,
-        )  # fmt: skip
-        used = _used_tiles_m(_grad_out_pass_kernel, m)
-        d_up = pass_dup[:used].sum(0) if need_up else None
-        d_bias = pass_db[:used].sum(0) if need_bias else None
-        if need_gh:
-            gh = gh_parts[0] if splits == 1 else gh_parts.sum(0)
+        gh, d_up, d_bias = grad_out_pass(grad_out, up, hidden, scale, need_gh, need_up, need_bias)
 
     if run_gemm:
         fused_up, fused_bias = fuse_gh and need_up, fuse_gh and need_bias
@@ -293,7 +190,7 @@ def low_rank_backward(
             NEED_DX=need_x, NEED_DDOWN=need_down, FUSE_GH=fuse_gh,
             NEED_DUP=fused_up, NEED_DB=fused_bias, BLOCK_R=block_r, PRECISION=precision,
         )  # fmt: skip
-        used = _used_tiles_m(_grad_input_kernel, m)
+        used = triton.cdiv(m, _grad_input_kernel.best_config.kwargs["BLOCK_M"])
         if need_down:
             d_down = dd_parts[:used].sum(0)
         if fused_up:

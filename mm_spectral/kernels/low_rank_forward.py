@@ -15,13 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .tiles import GEMM_PRUNE_FP32, dot_precision, gemm_configs, prune_for, rank_block
+from .tiles import GEMM, dot_precision, rank_block
 
 
 @triton.autotune(
-    configs=gemm_configs(),
-    key=["M", "N", "K", "FUSE_DOWN"],
-    prune_configs_by={"early_config_prune": prune_for("x_ptr", GEMM_PRUNE_FP32)},
+    configs=GEMM.configs(), key=["M", "N", "K", "FUSE_DOWN"], prune_configs_by=GEMM.prune_by("x_ptr")
 )
 @triton.jit
 def _low_rank_forward_kernel(

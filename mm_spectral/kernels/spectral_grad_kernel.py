@@ -79,14 +79,17 @@ def _dot(a, b, BF16: tl.constexpr):
 
 @triton.jit
 def _row_spectrum(
-    v_ptr, stride, tab_ptr, L1, P1: tl.constexpr, L2: tl.constexpr, BF16: tl.constexpr
-):
+    v_ptr, stride, tab_ptr, L1, P1: tl.constexpr, L2: tl.constexpr, BF16: tl.constexpr,
+    DFT: tl.constexpr,
+):  # fmt: skip
     """(Re, Im) of fft(v) for one row v of length L1·L2, as (L2 × P1) tiles: F[k1 + L1 k2]
     sits at [k2, k1] (k1 < L1). Four-step: Yᵀ = Vᵀ D1, twiddle, Zᵀ = D2 Y'ᵀ (D symmetric)."""
     a = tl.arange(0, P1)
     b = tl.arange(0, L2)
     # Vᵀ[b, a] = v[a·L2 + b]
     vt = tl.load(v_ptr + (a[None, :] * L2 + b[:, None]) * stride, mask=a[None, :] < L1, other=0.0)
+    if not DFT:  # profiling variant: the row itself stands in for its spectrum
+        return vt.to(tl.float32), vt.to(tl.float32) * 0.5
     sq = a[:, None] * P1 + a[None, :]
     c1 = tl.load(tab_ptr + sq)
     s1 = tl.load(tab_ptr + P1 * P1 + sq)
@@ -115,7 +118,7 @@ def _sampled_grad_kernel(
     stride_gt, stride_go, stride_xt, stride_xi, stride_out,
     GL1, XL1,
     GP1: tl.constexpr, GL2: tl.constexpr, XP1: tl.constexpr, XL2: tl.constexpr,
-    BLOCK_J: tl.constexpr, BF16: tl.constexpr,
+    BLOCK_J: tl.constexpr, BF16: tl.constexpr, DFT: tl.constexpr, SAMPLE: tl.constexpr,
 ):  # fmt: skip
     """Program (pid_t, pid_j): Σ over its tokens of Re(FG[t,k_j] FX[t,l_j]) for its pairs."""
     pid_t = tl.program_id(0)
@@ -125,15 +128,22 @@ def _sampled_grad_kernel(
     acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
     t0 = pid_t * tokens_per_program
     for t in range(t0, tl.minimum(t0 + tokens_per_program, T)):
-        gr, gi = _row_spectrum(g_ptr + t * stride_gt, stride_go, gtab_ptr, GL1, GP1, GL2, BF16)
-        xr, xi = _row_spectrum(x_ptr + t * stride_xt, stride_xi, xtab_ptr, XL1, XP1, XL2, BF16)
-        kpos = tl.load(kpos_ptr + offs_j, mask=j_ok, other=0)
-        lpos = tl.load(lpos_ptr + offs_j, mask=j_ok, other=0)
-        ar = tl.gather(tl.reshape(gr, (GL2 * GP1,)), kpos, 0)
-        ai = tl.gather(tl.reshape(gi, (GL2 * GP1,)), kpos, 0)
-        br = tl.gather(tl.reshape(xr, (XL2 * XP1,)), lpos, 0)
-        bi = tl.gather(tl.reshape(xi, (XL2 * XP1,)), lpos, 0)
-        acc += ar * br - ai * bi
+        gr, gi = _row_spectrum(
+            g_ptr + t * stride_gt, stride_go, gtab_ptr, GL1, GP1, GL2, BF16, DFT
+        )
+        xr, xi = _row_spectrum(
+            x_ptr + t * stride_xt, stride_xi, xtab_ptr, XL1, XP1, XL2, BF16, DFT
+        )
+        if SAMPLE:
+            kpos = tl.load(kpos_ptr + offs_j, mask=j_ok, other=0)
+            lpos = tl.load(lpos_ptr + offs_j, mask=j_ok, other=0)
+            ar = tl.gather(tl.reshape(gr, (GL2 * GP1,)), kpos, 0)
+            ai = tl.gather(tl.reshape(gi, (GL2 * GP1,)), kpos, 0)
+            br = tl.gather(tl.reshape(xr, (XL2 * XP1,)), lpos, 0)
+            bi = tl.gather(tl.reshape(xi, (XL2 * XP1,)), lpos, 0)
+            acc += ar * br - ai * bi
+        else:  # profiling variant: keep the transforms, skip the sampled product
+            acc += tl.sum(gr) + tl.sum(gi) + tl.sum(xr) + tl.sum(xi)
     tl.store(out_ptr + pid_t * stride_out + offs_j, acc, mask=j_ok)
 
 
@@ -155,6 +165,7 @@ def fused_spectrum_grad(
     scale: float,
     bf16: bool = True,
     programs: int | None = None,
+    profile: str | None = None,
 ) -> Tensor:
     """∂L/∂c (float32, n) as :func:`~mm_spectral.kernels.spectral_grad.sampled_spectrum_grad`.
 
@@ -165,6 +176,9 @@ def fused_spectrum_grad(
         bf16: DFT dots in bf16 (fast; ~3 significant digits per spectral value) rather
             than TF32.
         programs: token programs (default: 2 per SM, or 2 in the interpreter).
+        profile: for timing the parts only (the result is then meaningless): "dft" runs
+            the transforms without the sampled product, "sample" the loads and the
+            sampled product without the transforms.
     """
     t, o = grad_out.shape
     i = x.shape[1]
@@ -187,7 +201,7 @@ def fused_spectrum_grad(
         grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), out.stride(0),
         gl1, xl1,
         GP1=gp1, GL2=gl2, XP1=xp1, XL2=xl2, BLOCK_J=block_j, BF16=bf16,
-        num_warps=8,
+        DFT=profile != "sample", SAMPLE=profile != "dft", num_warps=8,
     )  # fmt: skip
     return out.sum(0)[:n].mul_(scale / (o * i))
 

@@ -1,4 +1,4 @@
-"""Tile configurations shared by the low-rank kernels.
+"""Tile configurations of the low-rank kernels.
 
 On a GPU, ``triton.autotune`` picks among a few Hopper-friendly tiles per shape and dtype
 (cached per process; the first call of a new shape benchmarks, so warm up before
@@ -11,7 +11,7 @@ cover several tiles per dimension plus ragged edges at small sizes and run quick
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -21,66 +21,90 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # each kernel variant once instead of once per tile).
 TUNE: bool = os.environ.get("MM_SPECTRAL_TUNE", "1") != "0"
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); none spills registers on sm_90.
-_GEMM_TILES = [
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-]
-_PASS_TILES = [(128, 64, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
-_GEMM_FP32 = triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4)
-_PASS_FP32 = triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4)
+
+class Tiles:
+    """The configs of one kernel: GPU tiles, a float32 tile, an interpreter tile.
+
+    Args:
+        names: the block-size meta-parameters, e.g. ("BLOCK_M", "BLOCK_N", "BLOCK_K").
+        gpu: (block sizes..., warps, stages) per GPU tile, best guesses first.
+        fp32: block sizes of the float32 tile; interpret: of the interpreter tile.
+        extra: fixed meta-parameters added to every config (e.g. GROUP_M).
+        small_m: for ``prune(..., SMALL_M=True)`` launches keep tiles with BLOCK_M ≤ this.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        gpu: Sequence[tuple[int, ...]],
+        fp32: Sequence[int],
+        interpret: Sequence[int],
+        extra: dict | None = None,
+        small_m: int = 64,
+    ) -> None:
+        extra = extra or {}
+        self.small_m = small_m
+        self.gpu = [
+            triton.Config({**dict(zip(names, t[:-2])), **extra}, num_warps=t[-2], num_stages=t[-1])
+            for t in gpu
+        ]
+        self.fp32 = triton.Config({**dict(zip(names, fp32)), **extra}, num_warps=4, num_stages=2)
+        self.interp = triton.Config({**dict(zip(names, interpret)), **extra})
+
+    def configs(self) -> list[triton.Config]:
+        return [self.interp] if INTERPRET else [*self.gpu]
+
+    def prune_by(self, tensor_arg: str) -> dict[str, Callable[..., list[triton.Config]]]:
+        """``prune_configs_by`` for triton.autotune: the float32 tile for float32 operands
+        (``tensor_arg`` names the kernel argument to look at), the first tile when tuning
+        is off, small-BLOCK_M tiles when the launch passes SMALL_M=True."""
+
+        def prune(configs: list, named_args: dict, **kwargs) -> list[triton.Config]:
+            if named_args[tensor_arg].dtype == torch.float32:
+                return [self.fp32]
+            if kwargs.get("SMALL_M"):
+                configs = [c for c in configs if c.kwargs["BLOCK_M"] <= self.small_m]
+            return configs if TUNE else configs[:1]
+
+        return {"early_config_prune": prune}
+
+    def usable(self, dtype: torch.dtype) -> list[triton.Config]:
+        """The configs a launch with ``dtype`` operands may use."""
+        if INTERPRET:
+            return [self.interp]
+        return [self.fp32] if dtype == torch.float32 else self.gpu
+
+    def smallest_block_m(self, dtype: torch.dtype) -> int:
+        """The smallest BLOCK_M a launch may use (partial-sum buffers are sized for it)."""
+        return min(c.kwargs["BLOCK_M"] for c in self.usable(dtype))
+
+    def largest(self, name: str, dtype: torch.dtype) -> int:
+        """The largest block size ``name`` a launch may use (all are powers of two, so
+        chunks that are multiples of it suit every tile)."""
+        return max(c.kwargs[name] for c in self.usable(dtype))
+
+
+# GEMMs whose output tile is BLOCK_M × BLOCK_N (reduction steps of BLOCK_K); none of
+# these spills registers on sm_90 (checked with ptxas -v).
+GEMM = Tiles(
+    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)],
+    fp32=(32, 32, 32),
+    interpret=(16, 16, 16),
+    extra=dict(GROUP_M=8),
+)
+# Memory-bound passes over a tokens × features matrix, BLOCK_M tokens per program.
+PASS = Tiles(
+    ("BLOCK_M", "BLOCK_N"),
+    [(128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3)],
+    fp32=(32, 32),
+    interpret=(16, 16),
+)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """Dot precision: IEEE for float32 operands (the checks against torch), else irrelevant."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def gemm_configs() -> list[triton.Config]:
-    """Tiles (BLOCK_M, BLOCK_N, BLOCK_K) for a GEMM whose output is BLOCK_M × BLOCK_N."""
-    if INTERPRET:
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2))]
-    return [
-        triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=s)
-        for m, n, k, w, s in _GEMM_TILES
-    ]
-
-
-def pass_configs() -> list[triton.Config]:
-    """Tiles (BLOCK_M, BLOCK_N) for a memory-bound pass over a tokens × features matrix."""
-    if INTERPRET:
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16))]
-    return [
-        triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
-        for m, n, w, s in _PASS_TILES
-    ]
-
-
-def prune_for(tensor_arg: str, fp32_config: triton.Config) -> Callable[..., list[triton.Config]]:
-    """An ``early_config_prune``: the float32 tile for float32 operands, the first tile
-    when tuning is off, else all (``tensor_arg`` names the kernel argument to look at)."""
-
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        if named_args[tensor_arg].dtype == torch.float32:
-            return [fp32_config]
-        return configs if TUNE else configs[:1]
-
-    return prune
-
-
-GEMM_PRUNE_FP32 = _GEMM_FP32
-PASS_PRUNE_FP32 = _PASS_FP32
-
-
-def smallest_block_m(configs: list[triton.Config], dtype: torch.dtype) -> int:
-    """The smallest BLOCK_M a launch with ``dtype`` operands may use (partial-sum buffers
-    are sized for it)."""
-    if dtype == torch.float32 and not INTERPRET:
-        configs = [_GEMM_FP32, _PASS_FP32]
-    return min(c.kwargs["BLOCK_M"] for c in configs)
 
 
 def rank_block(rank: int) -> int:
