@@ -85,16 +85,15 @@ def check_backward() -> None:
     for kind, g in grads.items():
         gh = g @ up
         want = (g @ w + SCALE * gh @ down, g.sum(0), SCALE * gh.t() @ x, SCALE * g.t() @ h)
-        for fuse_gh in (False, True):
-            for flags in flag_sets:
-                got = low_rank_backward(g, x, w, down, up, h, SCALE, *flags, fuse_gh=fuse_gh)
-                names = ("dx", "d_bias", "d_down", "d_up")
-                for name, value, ref, flag in zip(names, got, want, flags):
-                    what = f"backward {name} ({kind} grad, fuse_gh={fuse_gh}, needs={flags})"
-                    if flag:
-                        close(value, ref, what)
-                    else:
-                        assert value is None, what
+        for flags in flag_sets:
+            got = low_rank_backward(g, x, w, down, up, h, SCALE, *flags)
+            names = ("dx", "d_bias", "d_down", "d_up")
+            for name, value, ref, flag in zip(names, got, want, flags):
+                what = f"backward {name} ({kind} grad, needs={flags})"
+                if flag:
+                    close(value, ref, what)
+                else:
+                    assert value is None, what
 
 
 @check
@@ -114,7 +113,10 @@ def check_passes() -> None:
     g = randn(N, M).t()
     gh_ref = g @ up
     wants = {"gh": gh_ref, "d_up": SCALE * g.t() @ h_ref, "d_bias": g.sum(0)}
-    for flags in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+    pass_flags = [
+        (True, True, True), (True, False, False), (False, True, False), (False, False, True)
+    ]  # fmt: skip
+    for flags in pass_flags:
         got = grad_out_pass(g, up, h_ref, SCALE, *flags)
         for (name, want), flag, value in zip(wants.items(), flags, got):
             if flag:
@@ -148,7 +150,10 @@ def check_cublas() -> None:
         g = randn(n, M).t()
         gh = g @ up
         want = (g @ w + SCALE * gh @ down, g.sum(0), SCALE * gh.t() @ x, SCALE * g.t() @ h_ref)
-        for flags in [(True, True, True, True), (False, False, True, True), (True, False, False, True)]:
+        flag_sets = [
+            (True, True, True, True), (False, False, True, True), (True, False, False, True)
+        ]  # fmt: skip
+        for flags in flag_sets:
             got = cublas_backward(g, x_saved, w_saved, down, up, h, SCALE, *flags)
             for name, value, ref, flag in zip(("dx", "d_bias", "d_down", "d_up"), got, want, flags):
                 what = f"cublas backward {name} {k}->{n} needs={flags}"
@@ -176,18 +181,18 @@ def _linear_grads(x, w, b, down, up, grad_out, mode: str):
 @check
 def check_linear() -> None:
     """LowRankLinear through the kernels ('force') equals its torch path ('off')."""
-    # (leading shape, bias, trainable weight, strategy, fuse_down, fuse_gh): 2-D and 3-D
-    # inputs (3·13 = 39 tokens), each option on and off at least once.
+    # (leading shape, bias, trainable weight, strategy, fuse_down): 2-D and 3-D inputs
+    # (3·13 = 39 tokens), each option on and off at least once.
     cases = [
-        ((M,), True, False, "triton", False, False),
-        ((M,), False, True, "triton", True, True),
-        ((3, 13), True, True, "triton", True, False),
-        ((3, 13), False, False, "triton", False, True),
-        ((M,), True, True, "cublas", False, False),
-        ((3, 13), False, False, "cublas", False, False),
+        ((M,), True, False, "triton", False),
+        ((M,), False, True, "triton", True),
+        ((3, 13), True, True, "triton", True),
+        ((3, 13), False, False, "triton", False),
+        ((M,), True, True, "cublas", False),
+        ((3, 13), False, False, "cublas", False),
     ]
-    for shape, with_bias, train_weight, strategy, fuse_down, fuse_gh in cases:
-        OPTIONS.strategy, OPTIONS.fuse_down, OPTIONS.fuse_gh = strategy, fuse_down, fuse_gh
+    for shape, with_bias, train_weight, strategy, fuse_down in cases:
+        OPTIONS.strategy, OPTIONS.fuse_down = strategy, fuse_down
         for k, n in ((K, N), (N, K)) if strategy == "cublas" else ((K, N),):
             x = randn(*shape, k).requires_grad_()
             w = randn(n, k).requires_grad_(train_weight)
@@ -198,14 +203,14 @@ def check_linear() -> None:
             y, grads = _linear_grads(x, w, b, down, up, grad_out, "force")
             y_ref, grads_ref = _linear_grads(x, w, b, down, up, grad_out, "off")
             what = f"linear {shape + (k,)}->{n} bias={with_bias} train_w={train_weight}"
-            what += f" {strategy} fuse_down={fuse_down} fuse_gh={fuse_gh}"
+            what += f" {strategy} fuse_down={fuse_down}"
             assert y.shape == y_ref.shape, what
             close(y, y_ref, what + " y")
             assert len(grads) == len(grads_ref) == 3 + with_bias + train_weight
             for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
                 assert g.shape == g_ref.shape, f"{what} grad {i}"
                 close(g, g_ref, f"{what} grad {i}")
-    OPTIONS.strategy, OPTIONS.fuse_down, OPTIONS.fuse_gh = "cublas", False, False
+    OPTIONS.strategy, OPTIONS.fuse_down = "cublas", False
 
 
 @check

@@ -1,12 +1,23 @@
 """When the fused low-rank kernels run instead of the plain-torch path, and with which options.
 
-The fused kernels pay off for half-precision GEMMs on a GPU with shapes a tensor core
+The fused kernels qualify for half-precision GEMMs on a GPU with shapes a tensor core
 tiles well; everything else (CPU, float32, odd widths, large ranks) keeps the torch path,
-whose results they reproduce. ``MM_SPECTRAL_FUSED_LOW_RANK`` (or
-:func:`set_fused_low_rank_mode`) picks: ``auto`` (default) — use them when they qualify;
-``off`` — never; ``force`` — whenever Triton can run at all, any device or dtype (used by
-the tests, which run the kernels in Triton's CPU interpreter in float32; on a GPU a
-float32 dot is TF32).
+whose results they reproduce. They save GPU time but issue more host work per layer than
+the torch path (more ops, Triton launches), so they pay off where the host's cost is gone:
+in CUDA graphs. Measured on an H100 (tools/benchmark_kernels.py, ViT-L fc1/fc2, bf16),
+one adapted linear's step took 0.194 / 0.186 ms replayed as a graph against 0.213 / 0.216
+ms for the torch path, but 2.15 / 1.83 ms eagerly against 1.35 / 0.97 ms.
+
+``MM_SPECTRAL_FUSED_LOW_RANK`` (or :func:`set_fused_low_rank_mode`) picks:
+
+- ``auto`` (default): where they qualify and the work runs off the default CUDA stream —
+  as CUDA-graph warm-up and capture do (``torch.cuda.make_graphed_callables``, used by
+  ``mm_spectral.cuda_graph``; the warm-up also compiles and tunes the kernels before the
+  capture) — and the torch path for ordinary eager steps on the default stream;
+- ``on``: wherever they qualify, eager steps included;
+- ``off``: never;
+- ``force``: whenever Triton can run at all, any device or dtype (the tests run the
+  kernels in Triton's CPU interpreter in float32 this way).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ def triton_available() -> bool:
     return True
 
 
-MODES = ("auto", "off", "force")
+MODES = ("auto", "on", "off", "force")
 _HALF = (torch.float16, torch.bfloat16)
 MAX_RANK = 64  # the rank tile is padded to a power of two ≥ 16; larger ranks spill registers
 
@@ -43,19 +54,15 @@ class FusedOptions:
 
     strategy: "cublas" — cuBLAS GEMMs over concatenated operands plus Triton passes
         (``low_rank_cublas``); "triton" — Triton GEMMs with the rank term in their
-        epilogue/reduction (``low_rank_forward``/``low_rank_backward``), which the two
-        options below tune.
-    fuse_down: the forward accumulates h = x downᵀ inside its GEMM (R/BLOCK_N more
-        tensor-core work) instead of one thin cuBLAS GEMM that reads x once more.
-    fuse_gh: the backward takes g·up, d_up and d_bias from the dx GEMM's own g tiles
-        (one kernel) instead of a separate memory-bound pass over g (two kernels).
+        epilogue/reduction (``low_rank_forward``/``low_rank_backward``).
+    fuse_down: (strategy "triton") the forward accumulates h = x downᵀ inside its GEMM
+        (R/BLOCK_N more tensor-core work) instead of one thin cuBLAS GEMM reading x again.
     fourier_grad: how FourierFT's coefficient gradient is computed on linear layers.
     Options are read when an op is issued (so a CUDA graph keeps those of its capture).
     """
 
     strategy: str = "cublas"
     fuse_down: bool = False
-    fuse_gh: bool = False
     # FourierFT on linear layers: "dense" (backpropagate through ΔW: a gᵀx GEMM) or
     # "sampled" (kernels.fourier_linear: the coefficients' gradient from row spectra).
     fourier_grad: str = "dense"
@@ -69,7 +76,7 @@ if _mode not in MODES:
 
 
 def fused_low_rank_mode() -> str:
-    """The current mode: 'auto', 'off' or 'force'."""
+    """The current mode: 'auto', 'on', 'off' or 'force'."""
     return _mode
 
 
@@ -102,8 +109,16 @@ def use_fused_low_rank(x2: Tensor, weight: Tensor, up: Tensor) -> bool:
         and out_features >= 64
         and in_features >= 64
         and x2.shape[0] > 0
+        and (_mode == "on" or _off_default_stream(x2.device))
         and triton_available()
     )
+
+
+def _off_default_stream(device: torch.device) -> bool:
+    """Whether work on ``device`` is being issued to a side stream or captured in a graph."""
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    return torch.cuda.current_stream(device) != torch.cuda.default_stream(device)
 
 
 def fused_low_rank_forward(
@@ -149,6 +164,5 @@ def fused_low_rank_backward(
     from .low_rank_backward import low_rank_backward
 
     return low_rank_backward(
-        grad_out, x2, weight, down, up, hidden, scale,
-        need_x, need_bias, need_down, need_up, fuse_gh=OPTIONS.fuse_gh,
-    )  # fmt: skip
+        grad_out, x2, weight, down, up, hidden, scale, need_x, need_bias, need_down, need_up
+    )

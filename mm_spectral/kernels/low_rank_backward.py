@@ -1,22 +1,22 @@
-"""Backward of a low-rank adapted linear in one or two kernels instead of six passes.
+"""Backward of a low-rank adapted linear with a Triton dx GEMM carrying the rank term.
 
 With g = ∂L/∂y (M × N), h = x downᵀ (M × R) and s the scale, the gradients are
 gh = g up, d_up = s gᵀ h, d_bias = Σ_rows g, dx = g W + s gh down, d_down = s ghᵀ x.
 The plain path streams g three times (g up, gᵀ h, g W), dx twice (g W, then addmm_)
-and x once more. Here the dx GEMM (``_grad_input_kernel``) carries everything:
+and x once more. Here:
 
-- the rank-R term is one more reduction step on its output tile ([g | s gh] · [W ; down]),
-  so dx is written once;
-- each program loads its x tile once more and writes its share of d_down = s ghᵀ x;
-- gh, d_up and d_bias come either from a separate memory-bound pass over g
-  (:func:`~mm_spectral.kernels.low_rank_passes.grad_out_pass`) or, with
-  ``fuse_gh``, from the GEMM's own g tiles: gh accumulated in the N loop (R/BLOCK_N more
-  tensor-core work, no extra read of g), d_up and d_bias from each g tile by exactly one
-  of the programs that load it.
+1. one memory-bound pass over g makes gh, d_up and d_bias
+   (:func:`~mm_spectral.kernels.low_rank_passes.grad_out_pass`);
+2. ``_grad_input_kernel``, the dx GEMM, adds the rank-R term as one more reduction step
+   on its output tile ([g | s gh] · [W ; down]), so dx is written once, and each program
+   loads its x tile once more to write its share of d_down = s ghᵀ x — no separate pass
+   over x.
 
 Partial sums over token tiles go to float32 buffers, one slice per tile (deterministic,
 no atomics, so no zero-filling), reduced by one small ``sum``; adapter gradients come
-back in float32.
+back in float32. (A one-kernel variant that also took gh, d_up and d_bias from the GEMM's
+own g tiles was dropped: compiled for sm_90 its d_up came out wrong, in the interpreter
+right, and it was no faster.)
 """
 
 from __future__ import annotations
@@ -26,26 +26,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .low_rank_passes import grad_out_pass
+from .low_rank_passes import down_grad, grad_out_pass
 from .tiles import GEMM, dot_precision, rank_block
 
 
 @triton.autotune(
     configs=GEMM.configs(),
-    key=["M", "N", "K", "R", "NEED_DX", "NEED_DDOWN", "FUSE_GH", "NEED_DUP", "NEED_DB"],
+    key=["M", "N", "K", "R", "NEED_DDOWN"],
     prune_configs_by=GEMM.prune_by("x_ptr"),
 )
 @triton.jit
 def _grad_input_kernel(
-    g_ptr, w_ptr, up_ptr, h_ptr, gh_ptr, down_ptr, x_ptr, dx_ptr, dd_ptr, dup_ptr, db_ptr,
+    g_ptr, w_ptr, gh_ptr, down_ptr, x_ptr, dx_ptr, dd_ptr,
     M, N, K, R,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_un, stride_ur, stride_hm, stride_hr,
-    stride_ghm, stride_dr, stride_dk, stride_xm, stride_xk, stride_dxm, stride_dxk,
-    stride_dd_s, stride_dd_r, stride_dup_s, stride_dup_n, stride_db_s,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_ghm, stride_dr, stride_dk,
+    stride_xm, stride_xk, stride_dxm, stride_dxk, stride_dd_s, stride_dd_r,
     scale,
-    NEED_DX: tl.constexpr, NEED_DDOWN: tl.constexpr, FUSE_GH: tl.constexpr,
-    NEED_DUP: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    NEED_DDOWN: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dx tile (BLOCK_M tokens × BLOCK_N in-features), reducing over out-features by BLOCK_K."""
@@ -63,61 +60,33 @@ def _grad_input_kernel(
     row_ok = offs_m < M
     col_ok = offs_k < K
     rank_ok = offs_r < R
-    # Wrapped rows/columns (results never stored) spare the N loop row/column masks; where
-    # a wrapped row could reach a stored sum (d_up, d_bias, d_down) its factor is masked.
+    # Wrapped rows/columns (results never stored) spare the N loop row/column masks; the
+    # d_down sum masks its x tile instead.
     safe_m = offs_m % M
     safe_k = offs_k % K
-    gh_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_K)
+    g_ptrs = g_ptr + safe_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + safe_k[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FUSE_GH and NEED_DUP:
-        h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr
-        h = tl.load(h_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    if NEED_DX or FUSE_GH:
-        offs_n = tl.arange(0, BLOCK_K)
-        g_ptrs = g_ptr + safe_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + safe_k[None, :] * stride_wk
-        u_ptrs = up_ptr + offs_n[:, None] * stride_un + offs_r[None, :] * stride_ur
-        for n in range(0, tl.cdiv(N, BLOCK_K)):
-            n_ok = offs_n < N - n * BLOCK_K
-            g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-            if NEED_DX:
-                w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-                acc = tl.dot(g, w, acc, input_precision=PRECISION)
-            if FUSE_GH:
-                u = tl.load(u_ptrs, mask=n_ok[:, None] & rank_ok[None, :], other=0.0)
-                gh_acc = tl.dot(g, u, gh_acc, input_precision=PRECISION)
-                if NEED_DUP or NEED_DB:
-                    if n % tiles_k == pid_k:  # one program per (token tile, N step)
-                        cols = n * BLOCK_K + offs_n
-                        if NEED_DUP:
-                            part = tl.dot(tl.trans(g), h, input_precision=PRECISION) * scale
-                            dup_ptrs = (
-                                dup_ptr
-                                + pid_m * stride_dup_s
-                                + cols[:, None] * stride_dup_n
-                                + offs_r[None, :]
-                            )
-                            tl.store(dup_ptrs, part, mask=n_ok[:, None] & rank_ok[None, :])
-                        if NEED_DB:
-                            g_rows = tl.where(row_ok[:, None], g.to(tl.float32), 0.0)
-                            db_ptrs = db_ptr + pid_m * stride_db_s + cols
-                            tl.store(db_ptrs, tl.sum(g_rows, 0), mask=n_ok)
-            g_ptrs += BLOCK_K * stride_gn
-            w_ptrs += BLOCK_K * stride_wn
-            u_ptrs += BLOCK_K * stride_un
+    for n in range(0, tl.cdiv(N, BLOCK_K)):
+        n_ok = offs_n < N - n * BLOCK_K
+        g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        g_ptrs += BLOCK_K * stride_gn
+        w_ptrs += BLOCK_K * stride_wn
 
-    if FUSE_GH:
-        gh = gh_acc.to(dx_ptr.dtype.element_ty)  # the compute dtype, as the plain path's g·up
-    else:
-        gh_ptrs = gh_ptr + safe_m[:, None] * stride_ghm + offs_r[None, :]
-        gh = tl.load(gh_ptrs, mask=rank_ok[None, :], other=0.0).to(dx_ptr.dtype.element_ty)
-    if NEED_DX:
-        d_ptrs = down_ptr + offs_r[:, None] * stride_dr + safe_k[None, :] * stride_dk
-        d = tl.load(d_ptrs, mask=rank_ok[:, None], other=0.0)
-        if scale != 0.0:  # in place, as in the forward kernel
-            acc = tl.dot(gh, d, acc * (1.0 / scale), input_precision=PRECISION) * scale
-        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    # gh in the compute dtype, as the plain path's g·up.
+    gh_ptrs = gh_ptr + safe_m[:, None] * stride_ghm + offs_r[None, :]
+    gh = tl.load(gh_ptrs, mask=rank_ok[None, :], other=0.0).to(dx_ptr.dtype.element_ty)
+    d_ptrs = down_ptr + offs_r[:, None] * stride_dr + safe_k[None, :] * stride_dk
+    d = tl.load(d_ptrs, mask=rank_ok[:, None], other=0.0)
+    # acc + s·(gh down) accumulated in place (a second BLOCK_M × BLOCK_N accumulator would
+    # spill registers): divide by s, add gh down as the plain path's addmm does, multiply back.
+    if scale != 0.0:
+        acc = tl.dot(gh, d, acc * (1.0 / scale), input_precision=PRECISION) * scale
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     if NEED_DDOWN:
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
         x = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -139,7 +108,6 @@ def low_rank_backward(
     need_bias: bool,
     need_down: bool,
     need_up: bool,
-    fuse_gh: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, d_bias, d_down, d_up) of y = x Wᵀ + b + scale · (x downᵀ) upᵀ; None where unneeded.
 
@@ -148,54 +116,38 @@ def low_rank_backward(
         x: (M, K); weight: (N, K); down: (R, K); up: (N, R); hidden: (M, R) = x downᵀ.
         scale: the adapter's scale s.
         need_*: which gradients to compute (the weight's own gradient is not made here).
-        fuse_gh: one kernel (gh, d_up, d_bias from the dx GEMM's g tiles) instead of two.
 
     dx is in the compute dtype; d_bias, d_down and d_up are float32.
     """
     m, n = grad_out.shape
     k = x.shape[1]
     r = up.shape[1]
-    block_r = rank_block(r)
-    precision = dot_precision(x.dtype)
     need_gh = need_x or need_down
-    f32 = dict(device=x.device, dtype=torch.float32)
-    gemm_tiles_m = triton.cdiv(m, GEMM.smallest_block_m(x.dtype))
-    run_gemm = need_gh or (fuse_gh and (need_up or need_bias))
-    gh = dup_parts = db_parts = None
-    d_bias = d_down = d_up = None
-    if not fuse_gh and (need_gh or need_up or need_bias):
-        gh, d_up, d_bias = grad_out_pass(grad_out, up, hidden, scale, need_gh, need_up, need_bias)
+    if not (need_gh or need_up or need_bias):
+        return None, None, None, None
+    gh, d_up, d_bias = grad_out_pass(grad_out, up, hidden, scale, need_gh, need_up, need_bias)
+    if not need_x:
+        return None, d_bias, (down_grad(gh, x, scale) if need_down else None), d_up
+    tiles_m = triton.cdiv(m, GEMM.smallest_block_m(x.dtype))
+    dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
+    shape = (tiles_m, r, k) if need_down else (1, 1, 1)
+    dd_parts = torch.empty(shape, device=x.device, dtype=torch.float32)
 
-    if run_gemm:
-        fused_up, fused_bias = fuse_gh and need_up, fuse_gh and need_bias
-        dx = torch.empty((m, k), device=x.device, dtype=x.dtype) if need_x else x
-        dd_parts = torch.empty((gemm_tiles_m, r, k) if need_down else (1, 1, 1), **f32)
-        dup_parts = torch.empty((gemm_tiles_m, n, r) if fused_up else (1, 1, 1), **f32)
-        db_parts = torch.empty((gemm_tiles_m, n) if fused_bias else (1, 1), **f32)
-        gh_in = gh if gh is not None else dd_parts  # unread when fuse_gh
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
 
-        def gemm_grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
-
-        _grad_input_kernel[gemm_grid](
-            grad_out, weight, up, hidden, gh_in, down, x, dx, dd_parts, dup_parts, db_parts,
-            m, n, k, r,
-            grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1),
-            up.stride(0), up.stride(1), hidden.stride(0), hidden.stride(1),
-            gh_in.stride(0), down.stride(0), down.stride(1),
-            x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
-            dd_parts.stride(0), dd_parts.stride(1), dup_parts.stride(0), dup_parts.stride(1),
-            db_parts.stride(0),
-            float(scale),
-            NEED_DX=need_x, NEED_DDOWN=need_down, FUSE_GH=fuse_gh,
-            NEED_DUP=fused_up, NEED_DB=fused_bias, BLOCK_R=block_r, PRECISION=precision,
-        )  # fmt: skip
+    _grad_input_kernel[grid](
+        grad_out, weight, gh, down, x, dx, dd_parts,
+        m, n, k, r,
+        grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1),
+        gh.stride(0), down.stride(0), down.stride(1),
+        x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
+        dd_parts.stride(0), dd_parts.stride(1),
+        float(scale),
+        NEED_DDOWN=need_down, BLOCK_R=rank_block(r), PRECISION=dot_precision(x.dtype),
+    )  # fmt: skip
+    d_down = None
+    if need_down:
         used = triton.cdiv(m, _grad_input_kernel.best_config.kwargs["BLOCK_M"])
-        if need_down:
-            d_down = dd_parts[:used].sum(0)
-        if fused_up:
-            d_up = dup_parts[:used].sum(0)
-        if fused_bias:
-            d_bias = db_parts[:used].sum(0)
-        return (dx if need_x else None), d_bias, d_down, d_up
-    return None, d_bias, d_down, d_up
+        d_down = dd_parts[:used].sum(0)
+    return dx, d_bias, d_down, d_up

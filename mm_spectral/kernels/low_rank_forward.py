@@ -19,7 +19,9 @@ from .tiles import GEMM, dot_precision, rank_block
 
 
 @triton.autotune(
-    configs=GEMM.configs(), key=["M", "N", "K", "FUSE_DOWN"], prune_configs_by=GEMM.prune_by("x_ptr")
+    configs=GEMM.configs(),
+    key=["M", "N", "K", "FUSE_DOWN"],
+    prune_configs_by=GEMM.prune_by("x_ptr"),
 )
 @triton.jit
 def _low_rank_forward_kernel(

@@ -29,7 +29,9 @@ PASS_PROGRAMS = 528
 
 
 @triton.autotune(
-    configs=PASS.configs(), key=["M", "K", "R", "WRITE_CAT"], prune_configs_by=PASS.prune_by("x_ptr")
+    configs=PASS.configs(),
+    key=["M", "K", "R", "WRITE_CAT"],
+    prune_configs_by=PASS.prune_by("x_ptr"),
 )
 @triton.jit
 def _down_kernel(
@@ -203,7 +205,9 @@ def grad_out_pass(
     return gh, d_up, d_bias
 
 
-@triton.autotune(configs=PASS.configs(), key=["M", "K", "R"], prune_configs_by=PASS.prune_by("x_ptr"))
+@triton.autotune(
+    configs=PASS.configs(), key=["M", "K", "R"], prune_configs_by=PASS.prune_by("x_ptr")
+)
 @triton.jit
 def _down_grad_kernel(
     gh_ptr, x_ptr, out_ptr,
