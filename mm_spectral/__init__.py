@@ -9,6 +9,7 @@ checkpoint tools) is :mod:`mm_spectral.openmmlab`, the ``custom_imports`` target
 import sys
 
 from .adapters import ADAPTERS, FLoRA, FoRA, FourierFT, LoRA, register_adapter
+from .adapters.batched_spectra import enable_batched_spectra
 from .delta_stats import delta_stats
 from .inject import freeze, inject, merge, remove_adapters, unmerge
 from .report import parameter_counts, trainable_report
@@ -39,6 +40,7 @@ __all__ = [
     "adapter_state_dict",
     "atomic_save",
     "delta_stats",
+    "enable_batched_spectra",
     "freeze",
     "inject",
     "is_adapter_key",

@@ -14,6 +14,7 @@ from .spectral import (
     sample_entries,
     sparse_spectrum_to_real,
 )
+from .stash import take_stash
 
 
 @register_adapter
@@ -73,6 +74,9 @@ class FoRA(LowRankAdapter):
         return (target_var / weight_sum) ** 0.5 * rows * cols
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        prebuilt = take_stash(self)  # from mm_spectral.enable_batched_spectra
+        if prebuilt is not None:
+            return prebuilt
         down = sparse_spectrum_to_real(self.a_coefficients, self.a_positions, self.a_shape)
         up = sparse_spectrum_to_real(self.b_coefficients, self.b_positions, self.b_shape)
         return down, up, self.scale

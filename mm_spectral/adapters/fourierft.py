@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..kernels.dispatch import OPTIONS
 from .base import BaseAdapter, LayerSpec, check_positive, register_adapter
 from .spectral import half_spectrum_positions, sample_entries, sparse_spectrum_to_real
+from .stash import take_stash
 
 FOURIERFT_INITS = ("gaussian", "zeros")
 
@@ -69,10 +71,23 @@ class FourierFT(BaseAdapter):
         self.positions = half_spectrum_positions(self.indices, self.spec.matrix_shape)
 
     def delta(self) -> Tensor:
+        prebuilt = take_stash(self)  # from mm_spectral.enable_batched_spectra
+        if prebuilt is not None:
+            return prebuilt
         # α is applied to the n coefficients rather than to the dense result.
         return sparse_spectrum_to_real(
             self.coefficients, self.positions, self.spec.matrix_shape, self.alpha
         )
+
+    def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
+        if self.spec.kind == "linear" and OPTIONS.fourier_grad == "sampled":
+            from .fourier_linear import spectral_delta_linear
+
+            return spectral_delta_linear(
+                x, layer.weight, layer.bias, self.coefficients, self.positions, self.indices,
+                self.alpha,
+            )  # fmt: skip
+        return super().forward(x, layer)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, n={self.n}, alpha={self.alpha:g}, seed={self.seed}"

@@ -15,6 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.dispatch import (
+    OPTIONS,
+    fused_low_rank_backward,
+    fused_low_rank_forward,
+    use_fused_low_rank,
+)
+
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     device_type = x.device.type
@@ -39,10 +46,17 @@ class LowRankLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, down, up, scale: float):  # type: ignore[override]
         dtype = _compute_dtype(x)
         x2 = _as(_rows(x), dtype)
-        w, d, u = _as(weight, dtype), _as(down, dtype), _as(up, dtype)
-        hidden = F.linear(x2, d)
-        y = F.linear(x2, w, None if bias is None else _as(bias, dtype))
-        y.addmm_(hidden, u.t(), alpha=scale)
+        d, u = _as(down, dtype), _as(up, dtype)
+        b = None if bias is None else _as(bias, dtype)
+        ctx.fused = use_fused_low_rank(x2, weight, u)
+        if ctx.fused:  # the rank-r term inside the GEMMs' reduction (mm_spectral.kernels)
+            ctx.strategy = OPTIONS.strategy
+            y, x2, w, hidden = fused_low_rank_forward(x2, weight, b, d, u, scale)
+        else:
+            w = _as(weight, dtype)
+            hidden = F.linear(x2, d)
+            y = F.linear(x2, w, b)
+            y.addmm_(hidden, u.t(), alpha=scale)
         ctx.save_for_backward(x2, w, d, u, hidden)
         ctx.scale, ctx.x_shape = scale, x.shape
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
@@ -54,6 +68,15 @@ class LowRankLinear(torch.autograd.Function):
         scale = ctx.scale
         g = _as(_rows(grad_out), w.dtype)
         grad_x = grad_w = grad_b = grad_d = grad_u = None
+        if ctx.fused:
+            grad_x, grad_b, grad_d, grad_u = fused_low_rank_backward(
+                g, x2, w, d, u, hidden, scale, need_x, need_b, need_d, need_u, ctx.strategy
+            )
+            if need_x and len(ctx.x_shape) != 2:
+                grad_x = grad_x.view(ctx.x_shape)
+            if need_w:
+                grad_w = torch.mm(g.t(), x2)
+            return grad_x, grad_w, grad_b, grad_d, grad_u, None
         g_hidden = torch.mm(g, u) if (need_x or need_d) else None
         if need_x:
             grad_x = torch.mm(g, w).addmm_(g_hidden, d, alpha=scale)

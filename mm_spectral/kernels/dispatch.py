@@ -1,0 +1,168 @@
+"""When the fused low-rank kernels run instead of the plain-torch path, and with which options.
+
+The fused kernels qualify for half-precision GEMMs on a GPU with shapes a tensor core
+tiles well; everything else (CPU, float32, odd widths, large ranks) keeps the torch path,
+whose results they reproduce. They save GPU time but issue more host work per layer than
+the torch path (more ops, Triton launches), so they pay off where the host's cost is gone:
+in CUDA graphs. Measured on an H100 (tools/benchmark_kernels.py, ViT-L fc1/fc2, bf16),
+one adapted linear's step took 0.194 / 0.186 ms replayed as a graph against 0.213 / 0.216
+ms for the torch path, but 2.15 / 1.83 ms eagerly against 1.35 / 0.97 ms.
+
+``MM_SPECTRAL_FUSED_LOW_RANK`` (or :func:`set_fused_low_rank_mode`) picks:
+
+- ``auto`` (default): where they qualify and the work runs off the default CUDA stream —
+  as CUDA-graph warm-up and capture do (``torch.cuda.make_graphed_callables``, used by
+  ``mm_spectral.cuda_graph``; the warm-up also compiles and tunes the kernels before the
+  capture) — and the torch path for ordinary eager steps on the default stream;
+- ``on``: wherever they qualify, eager steps included;
+- ``off``: never;
+- ``force``: whenever Triton can run at all, any device or dtype (the tests run the
+  kernels in Triton's CPU interpreter in float32 this way).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports (checked once, on first need: importing it takes a while)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install (e.g. no driver libraries) counts as absent
+        return False
+    return True
+
+
+MODES = ("auto", "on", "off", "force")
+_HALF = (torch.float16, torch.bfloat16)
+MAX_RANK = 64  # the rank tile is padded to a power of two ≥ 16; larger ranks spill registers
+
+
+@dataclass
+class FusedOptions:
+    """Variants of the fused kernels (all exact; which is faster depends on the GPU).
+
+    strategy: "cublas" — cuBLAS GEMMs over concatenated operands plus Triton passes
+        (``low_rank_cublas``); "triton" — Triton GEMMs with the rank term in their
+        epilogue/reduction (``low_rank_forward``/``low_rank_backward``).
+    fuse_down: (strategy "triton") the forward accumulates h = x downᵀ inside its GEMM
+        (R/BLOCK_N more tensor-core work) instead of one thin cuBLAS GEMM reading x again.
+    fourier_grad: how FourierFT's coefficient gradient is computed on linear layers.
+    Options are read when an op is issued (so a CUDA graph keeps those of its capture).
+    """
+
+    strategy: str = "cublas"
+    fuse_down: bool = False
+    # FourierFT on linear layers: "dense" (backpropagate through ΔW: a gᵀx GEMM) or
+    # "sampled" (adapters.fourier_linear: the coefficients' gradient from row spectra).
+    fourier_grad: str = "dense"
+
+
+OPTIONS = FusedOptions()
+
+_mode = os.environ.get("MM_SPECTRAL_FUSED_LOW_RANK", "auto")
+if _mode not in MODES:
+    raise ValueError(f"MM_SPECTRAL_FUSED_LOW_RANK must be one of {MODES}, got {_mode!r}")
+
+
+def fused_low_rank_mode() -> str:
+    """The current mode: 'auto', 'on', 'off' or 'force'."""
+    return _mode
+
+
+def set_fused_low_rank_mode(mode: str) -> str:
+    """Set the mode (see the module docstring); returns the previous one."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"fused low-rank mode must be one of {MODES}, got {mode!r}")
+    previous, _mode = _mode, mode
+    return previous
+
+
+def use_fused_low_rank(x2: Tensor, weight: Tensor, up: Tensor) -> bool:
+    """Whether ``y = x2 Wᵀ + b + s (x2 downᵀ) upᵀ`` should run through the Triton kernels.
+
+    All operands are already in the compute dtype; ``x2`` is 2-D (tokens × in-features).
+    """
+    if _mode == "off":
+        return False
+    if _mode == "force":
+        return triton_available()
+    out_features, in_features = weight.shape
+    return (
+        x2.is_cuda
+        and x2.dtype in _HALF
+        and up.shape[1] <= MAX_RANK
+        # 16-byte aligned rows for vector loads; narrower layers gain nothing anyway.
+        and out_features % 8 == 0
+        and in_features % 8 == 0
+        and out_features >= 64
+        and in_features >= 64
+        and x2.shape[0] > 0
+        and (_mode == "on" or _off_default_stream(x2.device))
+        and triton_available()
+    )
+
+
+def _off_default_stream(device: torch.device) -> bool:
+    """Whether work on ``device`` is being issued to a side stream or captured in a graph."""
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    return torch.cuda.current_stream(device) != torch.cuda.default_stream(device)
+
+
+def fused_low_rank_forward(
+    x2: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, x, w, h) by the fused kernels: the output and what the backward needs.
+
+    ``weight`` may be in any float dtype (its cast to x2's is made here); the others are
+    in x2's dtype. See ``low_rank_cublas.cublas_forward`` for the returned tensors.
+    """
+    if OPTIONS.strategy == "cublas":
+        from .low_rank_cublas import cublas_forward
+
+        return cublas_forward(x2, weight, bias, down, up, scale)
+    from .low_rank_forward import low_rank_forward
+
+    w = weight if weight.dtype == x2.dtype else weight.to(x2.dtype)
+    y, h = low_rank_forward(x2, w, bias, down, up, scale, fuse_down=OPTIONS.fuse_down)
+    return y, x2, w, h
+
+
+def fused_low_rank_backward(
+    grad_out: Tensor,
+    x2: Tensor,
+    weight: Tensor,
+    down: Tensor,
+    up: Tensor,
+    hidden: Tensor,
+    scale: float,
+    need_x: bool,
+    need_bias: bool,
+    need_down: bool,
+    need_up: bool,
+    strategy: str,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, d_bias, d_down, d_up) by the fused kernels of ``strategy`` (the forward's)."""
+    if strategy == "cublas":
+        from .low_rank_cublas import cublas_backward
+
+        return cublas_backward(
+            grad_out, x2, weight, down, up, hidden, scale, need_x, need_bias, need_down, need_up
+        )
+    from .low_rank_backward import low_rank_backward
+
+    return low_rank_backward(
+        grad_out, x2, weight, down, up, hidden, scale, need_x, need_bias, need_down, need_up
+    )
