@@ -85,6 +85,9 @@ def interpreted_checks() -> str:
 
 
 @needs_triton
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead"
+)
 @pytest.mark.parametrize("group", CHECK_GROUPS)
 def test_kernels_interpreted(interpreted_checks, group):
     """Values and gradients of the kernels equal the torch path (tests/kernel_checks.py)."""
