@@ -163,6 +163,7 @@ def train_step_fn(
     scaler: torch.amp.GradScaler | None = None,
     mode: str = "eager",
     target: torch.Tensor | None = None,
+    batched_spectra: bool = False,
 ) -> Callable[[], float]:
     """One training step (forward, backward, AdamW) as a closure; the loss is the features'
     mean square, or their mean squared error to ``target`` when given.
@@ -170,7 +171,9 @@ def train_step_fn(
     ``mode``: 'eager'; 'compile-blocks' / 'compile-model' (torch.compile, applied by the
     caller); 'cuda-graph' replays forward+backward as a CUDA graph captured at the first
     step (:func:`mm_spectral.cuda_graph.enable_cuda_graph`), which removes the host's
-    per-op dispatch and so shows what the GPU itself spends.
+    per-op dispatch and so shows what the GPU itself spends. ``batched_spectra`` builds
+    all same-shape FourierFT/FoRA spectra with one FFT per step
+    (:func:`mm_spectral.enable_batched_spectra`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: one kernel set for all tensors (foreach costs ms for hundreds of small ones)
@@ -179,8 +182,12 @@ def train_step_fn(
     device_type = x.device.type
 
     features: Callable[[torch.Tensor], torch.Tensor] = model.forward_features
+    if batched_spectra or mode == "cuda-graph":
+        features = Features(model)  # a module call: its pre-hooks run
+    if batched_spectra:
+        mm_spectral.enable_batched_spectra(features)
     if mode == "cuda-graph":  # what AdaptedBackbone(cuda_graph=True) does for a backbone
-        features = enable_cuda_graph(Features(model))
+        features = enable_cuda_graph(features)
 
     def step() -> float:
         with torch.autocast(device_type, dtype=dtype):
@@ -216,7 +223,8 @@ def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
         gc.collect()  # a graphed previous variant is a reference cycle
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    step = train_step_fn(model, x, torch.bfloat16, mode=args.mode)
+    batched = args.batched_spectra and any(m in label for m in ("FourierFT", "FoRA"))
+    step = train_step_fn(model, x, torch.bfloat16, mode=args.mode, batched_spectra=batched)
     ms = time_steps(step, args.device, args.warmup, args.iters)
     if args.profile and any(key in label for key in args.profile):
         profile(step, f"{spec.name} {label}", args)
@@ -229,7 +237,7 @@ def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
         )
         peak /= 2**30
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Result(spec.name, label, ms, peak, trainable)
+    return Result(spec.name, label + (" batched" if batched else ""), ms, peak, trainable)
 
 
 def profile(step: Callable[[], float], title: str, args) -> None:
@@ -458,6 +466,11 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(
         "--peers", action="store_true", help="also time HF peft's LoRA and FourierFT (needs peft)"
+    )
+    parser.add_argument(
+        "--batched-spectra",
+        action="store_true",
+        help="FourierFT/FoRA variants build all same-shape spectra with one FFT per step",
     )
     parser.add_argument(
         "--mode",
