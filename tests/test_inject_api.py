@@ -128,7 +128,10 @@ def test_pattern_matching_no_layer_names_what_it_matched():
         (dict(type="FourierFT", n=10_000), r"'fc1': n=10000 exceeds the 16x8 weight's 128"),
         (dict(type="FourierFT", n=5, init="uniform"), "init must be one of"),
         (dict(type="FoRA", rank=2, n=-3), "n must be > 0"),
-        (dict(type="DoRA", rank=2), r"unknown adapter type 'DoRA'; known types: \['FLoRA', "),
+        (
+            dict(type="VeRA", rank=2),
+            r"unknown adapter type 'VeRA'; known types: \['BitFit', 'DoRA', ",
+        ),
         (dict(type="LoRA", rnak=2), "LoRA on layer 'fc1'.*rnak"),
         (dict(type="LoRA", trainable=["nothing"]), "trainable pattern 'nothing'"),
     ],
