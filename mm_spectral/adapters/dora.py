@@ -85,17 +85,20 @@ class DoRA(LoRA):
         """W0 + ΔW in the wider of the two dtypes, with gradient to the factors."""
         return weight.to(self._wide(weight)) + self.delta_weight(self._wide(weight))
 
-    def _scale(self, weight: Tensor) -> Tensor:
+    def _scale(self, direction: Tensor) -> Tensor:
         """m / ‖W0 + ΔW‖_c with the norm detached (paper §4.3): (out,)."""
-        with torch.no_grad():
-            norm = channel_norm(self._direction(weight))
+        norm = channel_norm(direction.detach())
         return self.magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
-        scale = self._scale(layer.weight)
         if not self.factored:
-            weight = self._direction(layer.weight) * _per_row(scale, layer.weight)
+            direction = self._direction(layer.weight)
+            weight = direction * _per_row(self._scale(direction), layer.weight)
             return layer_op(layer, x, weight, layer.bias)
+        with torch.no_grad():
+            direction = self._direction(layer.weight)  # only for the norm: not kept
+        scale = self._scale(direction)
+        del direction
         out = self.factored_forward(x, layer, None)
         # Output channels are the last axis of a linear's output, axis 1 of a conv's.
         shape = (-1,) if self.spec.kind == "linear" else (-1, 1, 1)
