@@ -133,6 +133,14 @@ def test_pattern_matching_no_layer_names_what_it_matched():
             r"unknown adapter type 'VeRA'; known types: \['BitFit', 'DoRA', ",
         ),
         (dict(type="LoRA", rnak=2), "LoRA on layer 'fc1'.*rnak"),
+        (dict(type="DoRA", rank=0), r"DoRA on layer 'fc1': rank must be > 0, got 0"),
+        (dict(type="DoRA", conv_factors="flat"), r"DoRA on layer 'fc1': conv_factors must be one"),
+        (dict(type="BitFit", rank=2), "BitFit on layer 'fc1'.*rank"),
+        (
+            dict(type="LoRA", row_blocks=dict(split=3, use=(0,))),
+            r"does not fit 2 layers:\n  row_blocks on layer 'fc1': split=3 must be a positive "
+            r"divisor of 16 rows\n  row_blocks on layer 'stem': row blocks apply to nn.Linear",
+        ),
         (dict(type="LoRA", trainable=["nothing"]), "trainable pattern 'nothing'"),
     ],
 )

@@ -255,11 +255,16 @@ CONVNEXT_PAPER_TARGETS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def convnextv2_large_meta():
+def timm_on_meta(name: str) -> nn.Module:
+    """A timm model with meta tensors: real shapes, no memory, no weights."""
     timm = pytest.importorskip("timm")
     with torch.device("meta"):
-        return timm.create_model("convnextv2_large", pretrained=False)
+        return timm.create_model(name, pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def convnextv2_large_meta():
+    return timm_on_meta("convnextv2_large")
 
 
 def test_paper_lora_budgets_on_convnextv2_large(convnextv2_large_meta):
@@ -326,9 +331,7 @@ def test_row_blocks_run_one_fused_op_for_additive_low_rank_methods():
 
 @pytest.fixture(scope="module")
 def vit_large_meta():
-    timm = pytest.importorskip("timm")
-    with torch.device("meta"):
-        return timm.create_model("vit_large_patch16_224", pretrained=False)
+    return timm_on_meta("vit_large_patch16_224")
 
 
 def test_query_value_counts_of_the_fourierft_and_fora_papers(vit_large_meta):

@@ -49,21 +49,15 @@ class DoRA(LoRA):
 
     Args:
         spec: the adapted layer.
-        rank, alpha, conv_factors: as :class:`LoRA`.
+        **lora_args: ``rank``, ``alpha``, ``conv_factors``, as :class:`LoRA`.
     """
 
     method = "DoRA"
     additive = False
     base_dependent = ("magnitude",)
 
-    def __init__(
-        self,
-        spec: LayerSpec,
-        rank: int = 8,
-        alpha: float | None = None,
-        conv_factors: str = "matrix",
-    ) -> None:
-        super().__init__(spec, rank, alpha, conv_factors)
+    def __init__(self, spec: LayerSpec, **lora_args: Any) -> None:
+        super().__init__(spec, **lora_args)
         self.magnitude = nn.Parameter(torch.ones(spec.weight_shape[0]))
         self.magnitude_loaded = False  # True once a state dict set it: then it is kept
 
