@@ -438,3 +438,36 @@ def test_fitting_ranks_do_not_warn():
     )
     assert not inject_and_record(dict(type="LoRA", rank=4, targets=["stem", "fc1", "fc2"]))
     assert not inject_and_record(dict(type="DoRA", rank=4, targets=["stem", "dwconv"]))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(type="DoRA", rank=2, conv_factors="loralib", targets=["stem", "dwconv", "fc1"]),
+        dict(type="BitFit", targets=["stem", "dwconv", "fc1", "fc2"]),
+        dict(type="DoRA", rank=2, targets=["fc1"], row_blocks=dict(split=2, use=(1,))),
+    ],
+    ids=["DoRA-loralib", "BitFit", "DoRA-rows"],
+)
+def test_merged_model_loads_into_the_plain_model(cfg):
+    """remove_adapters / merged_state_dict give a plain model that runs like the adapted one."""
+    torch.manual_seed(0)
+    model = Tiny()
+    plain = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mm_spectral.inject(model, cfg)
+    for _, layer in mm_spectral.adapted_layers(model):
+        randomize_adapter(layer.adapter)
+
+    def run(net, x):
+        x = net.dwconv(net.stem(x)).permute(0, 2, 3, 1)
+        return net.fc2(torch.relu(net.fc1(x)))
+
+    x = torch.randn(2, 3, 16, 16)
+    adapted = run(model, x)
+    plain.load_state_dict(mm_spectral.merged_state_dict(model), strict=True)
+    torch.testing.assert_close(run(plain, x), adapted, rtol=1e-4, atol=1e-5)
+    mm_spectral.remove_adapters(model)
+    assert type(model.fc1) is nn.Linear and not hasattr(model.fc1, "merge_memo")
+    torch.testing.assert_close(run(model, x), adapted, rtol=1e-4, atol=1e-5)
