@@ -1,5 +1,5 @@
-"""mm_spectral: spectral and tensor adapters (FLoRA, FourierFT, FoRA, LoRA) for vision
-backbones.
+"""mm_spectral: spectral and tensor adapters (FLoRA, FourierFT, FoRA, LoRA, DoRA, BitFit) for
+vision backbones.
 
 This package is the torch-only core: ``import mm_spectral`` needs PyTorch alone and works on
 any ``nn.Module``. The OpenMMLab layer (registered backbones, ``AdaptedBackbone``, hooks,
@@ -8,10 +8,10 @@ checkpoint tools) is :mod:`mm_spectral.openmmlab`, the ``custom_imports`` target
 
 import sys
 
-from .adapters import ADAPTERS, FLoRA, FoRA, FourierFT, LoRA, register_adapter
+from .adapters import ADAPTERS, BitFit, DoRA, FLoRA, FoRA, FourierFT, LoRA, register_adapter
 from .adapters.batched_spectra import enable_batched_spectra
 from .delta_stats import delta_stats
-from .inject import freeze, inject, merge, remove_adapters, unmerge
+from .inject import freeze, inject, merge, remove_adapters, reset_from_base, unmerge
 from .report import parameter_counts, trainable_report
 from .state import (
     adapted_layers,
@@ -32,6 +32,8 @@ if "mmengine" in sys.modules:
 
 __all__ = [
     "ADAPTERS",
+    "BitFit",
+    "DoRA",
     "FLoRA",
     "FoRA",
     "FourierFT",
@@ -51,6 +53,7 @@ __all__ = [
     "parameter_counts",
     "register_adapter",
     "remove_adapters",
+    "reset_from_base",
     "trainable_report",
     "unmerge",
 ]

@@ -7,6 +7,8 @@ exactly as it was.
 from __future__ import annotations
 
 import re
+import warnings
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +16,8 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTABLE_TYPES, ADAPTERS, BaseAdapter, LayerSpec, adapted_class, is_adapted
-from .state import ADAPTER_KEY, adapted_layers, finite_deltas, is_adapter_key
+from .adapters.row_blocks import RowBlocks
+from .state import ADAPTER_KEY, adapted_layers, finite_folds, is_adapter_key
 
 
 def _as_patterns(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -24,18 +27,62 @@ def _as_patterns(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
 
 
 def build_adapter(name: str, layer: nn.Module, cfg: Mapping[str, Any]) -> BaseAdapter:
-    """Build the adapter that ``cfg`` (type + hyper-parameters) describes for one layer."""
+    """Build the adapter that ``cfg`` (type + hyper-parameters, optional ``row_blocks``)
+    describes for one layer."""
     cfg = dict(cfg)
     method = cfg.pop("type", None)
     if method not in ADAPTERS:
         raise ValueError(f"unknown adapter type {method!r}; known types: {sorted(ADAPTERS)}")
     for key in ("targets", "trainable"):
         cfg.pop(key, None)
+    row_blocks = cfg.pop("row_blocks", None)
+
+    def build(spec: LayerSpec) -> BaseAdapter:
+        try:
+            return ADAPTERS[method](spec, **cfg)
+        except TypeError as err:  # an unknown hyper-parameter name
+            raise TypeError(f"{method} on layer '{spec.name}': {err}") from None
+
     spec = LayerSpec.of(name, layer)
-    try:
-        return ADAPTERS[method](spec, **cfg)
-    except TypeError as err:  # an unknown hyper-parameter name
-        raise TypeError(f"{method} on layer '{name}': {err}") from None
+    return build(spec) if row_blocks is None else RowBlocks.from_config(spec, row_blocks, build)
+
+
+def _build_all(named: Mapping[str, nn.Module], targets: list[str], cfg: Mapping[str, Any]):
+    """{name: adapter} for every target; one error listing every layer that does not fit."""
+    adapters, problems = {}, []
+    for name in targets:
+        try:
+            adapters[name] = build_adapter(name, named[name], cfg)
+        except ValueError as err:
+            problems.append(str(err))
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(
+            f"the adapter config does not fit {len(problems)} layers:\n  " + "\n  ".join(problems)
+        )
+    return adapters
+
+
+def _warn_sizes(adapters: Mapping[str, BaseAdapter]) -> None:
+    """One warning for the whole inject call, listing every layer whose hyper-parameters
+    exceed what its shape can use (layers with the same note grouped)."""
+    by_note: dict[str, list[str]] = defaultdict(list)
+    for name, adapter in adapters.items():
+        note = adapter.size_warning()
+        if note:
+            by_note[note].append(name)
+    if not by_note:
+        return
+    count = sum(len(names) for names in by_note.values())
+    lines = [f"{', '.join(repr(n) for n in names)}: {note}" for note, names in by_note.items()]
+    warnings.warn(
+        f"{count} adapted layer(s) have a rank larger than a mode of the weight or more adapter "
+        "parameters than weight entries (the extra rank adds parameters, not expressiveness; "
+        "FLoRA clips its core to the mode):\n  " + "\n  ".join(lines),
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def find_targets(module: nn.Module, patterns: list[str]) -> list[str]:
@@ -64,10 +111,13 @@ def find_targets(module: nn.Module, patterns: list[str]) -> list[str]:
 def inject(module: nn.Module, cfg: Mapping[str, Any]) -> list[str]:
     """Give every targeted Linear/Conv2d of ``module`` an adapter; return their names.
 
-    ``cfg``: ``type`` (a registered method: 'LoRA', 'FLoRA', 'FourierFT', 'FoRA'), ``targets`` (regexes that
-    must fully match module names), optional ``trainable`` (regexes over parameter names
-    that stay trainable, e.g. norms), and the method's hyper-parameters. Afterwards only
-    adapter parameters and ``trainable`` matches require grad.
+    ``cfg``: ``type`` (a registered method: 'LoRA', 'DoRA', 'FLoRA', 'FourierFT', 'FoRA',
+    'BitFit'), ``targets`` (regexes that must fully match module names), optional
+    ``trainable`` (regexes over parameter names that stay trainable, e.g. norms), optional
+    ``row_blocks=dict(split=S, use=(i, ...))`` (adapt only these row blocks of each Linear,
+    e.g. q and v of a fused qkv), and the method's hyper-parameters. Afterwards only
+    adapter parameters and ``trainable`` matches require grad. Warns once, listing the
+    layers, when a rank exceeds a mode of the weight.
     """
     targets = find_targets(module, _as_patterns(cfg.get("targets")))
     named = dict(module.named_modules())
@@ -76,15 +126,30 @@ def inject(module: nn.Module, cfg: Mapping[str, Any]) -> list[str]:
         raise ValueError(f"layers already carry an adapter (inject once per layer): {already}")
     trainable = _as_patterns(cfg.get("trainable"))
     # Build every adapter (which validates the hyper-parameters per layer) before attaching any.
-    adapters = {name: build_adapter(name, named[name], cfg) for name in targets}
+    adapters = _build_all(named, targets, cfg)
     _match_parameters(module, trainable)  # validate the patterns before changing anything
     for name, adapter in adapters.items():
         layer = named[name]
         layer.__class__ = adapted_class(type(layer))
         layer.add_module(ADAPTER_KEY, adapter.to(layer.weight.device))
         layer.merged = False
+        adapter.reset_from_base(layer.weight)  # DoRA's magnitude ‖W0‖_c
     freeze(module, trainable)
+    _warn_sizes(adapters)
     return targets
+
+
+@torch.no_grad()
+def reset_from_base(module: nn.Module) -> None:
+    """Re-derive every unmerged adapter's base-dependent tensors (DoRA's magnitude) from
+    the current base weights, except those loaded from a state dict.
+
+    Loading a state dict with a layer's weight does this for that layer by itself; call
+    it after changing base weights in place (an ``init_weights`` that re-draws them).
+    """
+    for _, layer in adapted_layers(module):
+        if not layer.merged:
+            layer.adapter.reset_from_base(layer.weight)
 
 
 def freeze(module: nn.Module, trainable: list[str] | None = None) -> None:
@@ -109,10 +174,10 @@ def _match_parameters(module: nn.Module, patterns: list[str]) -> set[str]:
 
 @torch.no_grad()
 def merge(module: nn.Module) -> None:
-    """Fold every ΔW into its weight; all-or-nothing if some ΔW is not finite."""
-    deltas = finite_deltas(module)
-    for name, delta in deltas.items():
-        module.get_submodule(name).merge(delta)
+    """Fold every adapter into its weight (and bias); all-or-nothing if some result is not
+    finite."""
+    for name, fold in finite_folds(module).items():
+        module.get_submodule(name).merge(fold)
 
 
 def unmerge(module: nn.Module) -> None:
@@ -128,6 +193,7 @@ def remove_adapters(module: nn.Module, merge_first: bool = True) -> None:
     for _, layer in list(adapted_layers(module)):
         del layer._modules[ADAPTER_KEY]
         del layer.merged
+        layer.__dict__.pop("merge_memo", None)
         layer.__class__ = type(layer).__mro__[2]  # Adapted<X> → (mixin, X): back to X
 
 

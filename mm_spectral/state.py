@@ -19,7 +19,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor, nn
 
-from .adapters.base import AdaptedLayerMixin, is_adapted
+from .adapters.base import AdaptedLayerMixin, Fold, is_adapted
 
 ADAPTER_KEY = "adapter"
 """Name of the child module that holds a layer's adapter."""
@@ -38,23 +38,23 @@ def adapted_layers(module: nn.Module) -> Iterator[tuple[str, AdaptedLayerMixin]]
 
 
 @torch.no_grad()
-def finite_deltas(module: nn.Module) -> dict[str, Tensor]:
-    """{layer name: ΔW} of every unmerged adapted layer, in the weights' dtypes.
+def finite_folds(module: nn.Module) -> dict[str, Fold]:
+    """{layer name: what merging writes there} for every unmerged adapted layer.
 
-    The one place ΔW is built for folding: raises listing every layer whose ΔW is not
-    finite, so callers change nothing unless all of them are.
+    The one place adapters are folded into weights (and biases): raises listing every
+    layer whose result is not finite, so callers change nothing unless all of them are.
     """
-    deltas, bad = {}, []
+    folds, bad = {}, []
     for name, layer in adapted_layers(module):
         if layer.merged:
             continue
         try:
-            deltas[name] = layer.finite_delta()
+            folds[name] = layer.fold()
         except ValueError:
             bad.append(name or "<root>")
     if bad:
         raise ValueError(f"ΔW is not finite in {bad}; nothing was merged")
-    return deltas
+    return folds
 
 
 def adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:
@@ -62,13 +62,25 @@ def adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in module.state_dict().items() if is_adapter_key(k)}
 
 
+def base_dependent_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of adapter tensors derived from their base weight (DoRA's magnitude)."""
+    keys = set()
+    for name, layer in adapted_layers(module):
+        prefix = f"{name}.{ADAPTER_KEY}." if name else f"{ADAPTER_KEY}."
+        keys.update(prefix + key for key in layer.adapter.base_dependent)
+    return keys
+
+
 @torch.no_grad()
 def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The plain state dict (CPU) with every ΔW folded in, leaving ``module`` untouched."""
+    """The plain state dict (CPU) with every adapter folded in, leaving ``module`` untouched."""
     state = module.state_dict()
-    for name, delta in finite_deltas(module).items():
-        key = f"{name}.weight" if name else "weight"
-        state[key] = state[key] + delta
+    for name, fold in finite_folds(module).items():
+        prefix = f"{name}." if name else ""
+        if fold.weight is not None:
+            state[f"{prefix}weight"] = fold.weight
+        if fold.bias is not None:
+            state[f"{prefix}bias"] = fold.bias
     return {k: v.detach().cpu() for k, v in state.items() if not is_adapter_key(k)}
 
 

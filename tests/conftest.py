@@ -30,9 +30,30 @@ METHODS = {
     "FLoRA": dict(type="FLoRA", rank=4, kernel_rank=2, scale=2.0),
     "FourierFT": dict(type="FourierFT", n=40, alpha=30.0, seed=3),
     "FoRA": dict(type="FoRA", rank=6, n=30, scale=2.0, seed=5),
+    "DoRA": dict(type="DoRA", rank=3, alpha=6),
+    "BitFit": dict(type="BitFit"),
+    "LoRA-loralib": dict(type="LoRA", rank=2, alpha=3, conv_factors="loralib"),
+    "DoRA-loralib": dict(type="DoRA", rank=2, alpha=3, conv_factors="loralib"),
 }
 
-CASES = [(m, layer) for m in METHODS for layer in LAYERS]
+# Row blocks of one Linear (q and v of a fused qkv): 18 rows as 3 blocks of 6, 0 and 2 used.
+ROWS = dict(split=3, use=(0, 2))
+ROW_METHODS = {
+    f"{name}-rows": dict(cfg, row_blocks=ROWS)
+    for name, cfg in [
+        ("LoRA", dict(type="LoRA", rank=2, alpha=4)),
+        ("FLoRA", dict(type="FLoRA", rank=3, scale=2.0)),
+        ("FourierFT", dict(type="FourierFT", n=20, alpha=30.0, seed=3)),
+        ("FoRA", dict(type="FoRA", rank=3, n=12, scale=2.0, seed=5)),
+        ("DoRA", dict(type="DoRA", rank=2, alpha=4)),
+        ("BitFit", dict(type="BitFit")),
+    ]
+}
+METHODS.update(ROW_METHODS)
+
+CASES = [
+    (m, layer) for m in METHODS for layer in LAYERS if m not in ROW_METHODS or layer == "linear"
+]
 
 
 def make_case(method: str, layer_name: str, seed: int = 0):

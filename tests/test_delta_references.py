@@ -2,74 +2,48 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from adapter_references import reference_layer
 from conftest import CASES, make_case
-
-
-def explicit_real_idft2(coefficients: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
-    """Re(IDFT2) of a sparse real spectrum as the explicit sum of cosines, float64."""
-    rows, cols = shape
-    x = torch.arange(rows, dtype=torch.float64)[:, None, None]
-    y = torch.arange(cols, dtype=torch.float64)[None, :, None]
-    u, v = indices[0].double(), indices[1].double()
-    phase = 2 * math.pi * (u * x / rows + v * y / cols)
-    return (coefficients.double() * torch.cos(phase)).sum(-1) / (rows * cols)
-
-
-def reference_delta(adapter) -> torch.Tensor:
-    """ΔW from the adapter's parameters, by the papers' formulas, in float64."""
-    shape = adapter.spec.weight_shape
-    rows = shape[0]
-    cols = math.prod(shape[1:])
-    method = adapter.method
-    if method == "LoRA":
-        delta = adapter.scale * adapter.lora_B.double() @ adapter.lora_A.double()
-    elif method == "FLoRA":
-        f = [p.double() for p in adapter.factors]
-        core = adapter.core.double()
-        if len(shape) == 2:
-            delta = torch.einsum("ab,ia,jb->ij", core, f[0], f[1])
-        else:
-            delta = torch.einsum("abcd,ia,jb,kc,ld->ijkl", core, *f)
-        delta = adapter.scale * delta
-    elif method == "FourierFT":
-        delta = adapter.alpha * explicit_real_idft2(
-            adapter.coefficients, adapter.indices, (rows, cols)
-        )
-    elif method == "FoRA":
-        a = explicit_real_idft2(adapter.a_coefficients, adapter.a_indices, adapter.a_shape)
-        b = explicit_real_idft2(adapter.b_coefficients, adapter.b_indices, adapter.b_shape)
-        delta = adapter.scale * b @ a
-    else:  # pragma: no cover - the matrix names every method
-        raise AssertionError(method)
-    return delta.reshape(shape)
 
 
 @pytest.mark.parametrize("method,layer_name", CASES)
 def test_delta_weight_matches_reference(method, layer_name):
+    """ΔW = W' − W0 (and Δb) of the layer against the float64 reference."""
     model, _ = make_case(method, layer_name)
-    adapter = model.layer.adapter
-    delta = adapter.delta_weight()
-    ref = reference_delta(adapter).detach().float()
-    assert delta.shape == model.layer.weight.shape
-    assert delta.dtype == model.layer.weight.dtype
-    assert ref.abs().max() > 0, "reference ΔW is zero: the test would prove nothing"
+    layer = model.layer
+    delta = layer.delta_weight()
+    want_w, want_b = reference_layer(layer)
+    ref = (want_w - layer.weight.double()).detach().float()
+    ref_bias = (want_b - layer.bias.double()).detach().float()
+    assert delta.shape == layer.weight.shape
+    assert delta.dtype == layer.weight.dtype
+    assert max(ref.abs().max(), ref_bias.abs().max()) > 0, "reference is zero: proves nothing"
     torch.testing.assert_close(delta.detach(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    delta_bias = layer.adapter.delta_bias()
+    got_bias = torch.zeros_like(layer.bias) if delta_bias is None else delta_bias.detach()
+    torch.testing.assert_close(got_bias, ref_bias, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method,layer_name", CASES)
-def test_delta_gradients_match_reference(method, layer_name):
-    """The hand-written backward of ΔW's construction equals autograd through the reference."""
+def test_merged_weight_gradients_match_reference(method, layer_name):
+    """The hand-written backward of the adapted weight's construction (W' = W0 + ΔW, DoRA's
+    rescaling with its norm's gradient, b + Δb) equals autograd through the reference."""
     model, _ = make_case(method, layer_name)
-    adapter = model.layer.adapter
+    layer, adapter = model.layer, model.layer.adapter
     params = list(adapter.parameters())
-    probe = torch.randn(adapter.spec.weight_shape, dtype=torch.float64)
-    got = torch.autograd.grad((adapter.delta_weight().double() * probe).sum(), params)
-    want = torch.autograd.grad((reference_delta(adapter) * probe).sum(), params)
+    probe_w = torch.randn(adapter.spec.weight_shape, dtype=torch.float64)
+    probe_b = torch.randn(adapter.spec.weight_shape[0], dtype=torch.float64)
+    weight, _ = adapter.merged_weight(layer.weight)
+    delta_bias = adapter.delta_bias()
+    loss = (weight.double() * probe_w).sum()
+    if delta_bias is not None:
+        loss = loss + (delta_bias.double() * probe_b).sum()
+    got = torch.autograd.grad(loss, params)
+    want_w, want_b = reference_layer(layer)
+    want = torch.autograd.grad((want_w * probe_w).sum() + (want_b * probe_b).sum(), params)
     for name, g, w in zip([n for n, _ in adapter.named_parameters()], got, want):
         assert w.abs().max() > 0, f"reference gradient of {name} is zero: the test proves nothing"
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())

@@ -1,4 +1,5 @@
-"""Forward equals the base layer with W0 + ΔW; merge/unmerge; gradients; autocast; state."""
+"""Forward equals the base layer with the merged weight and bias of an independent
+reference; merge/unmerge; gradients; autocast; state."""
 
 from __future__ import annotations
 
@@ -9,42 +10,60 @@ import torch.nn.functional as F
 
 import mm_spectral
 
-from conftest import METHODS, make_case, randomize_adapter
+from adapter_references import reference_layer
+from conftest import LAYERS, METHODS, ROW_METHODS, make_case, randomize_adapter
 
 
-def functional_with(layer, x, weight):
-    """The plain op of a Linear/Conv2d with the given weight, written without the layer."""
+def functional_with(layer, x, weight, bias=None):
+    """The plain op of a Linear/Conv2d with the given weight (and bias, default the
+    layer's), written without the layer."""
+    bias = layer.bias if bias is None else bias
     if isinstance(layer, torch.nn.Conv2d):
-        return F.conv2d(
-            x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups
-        )
-    return F.linear(x, weight, layer.bias)
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, weight, bias)
 
 
-def test_forward_equals_layer_with_merged_weight(case):
+def test_forward_equals_reference_merged_layer(case):
+    """Forward = the layer's op with (W', b') from the papers' formulas, in float64."""
     _, _, model, x = case
     layer = model.layer
-    expected = functional_with(layer, x, layer.weight + layer.adapter.delta_weight())
-    out = model(x)
-    assert (expected - functional_with(layer, x, layer.weight)).abs().max() > 1e-3
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    weight, bias = reference_layer(layer)
+    expected = functional_with(layer, x.double(), weight, bias).float()
+    plain = functional_with(layer, x, layer.weight)
+    assert (expected - plain).abs().max() > 1e-3, "the adapter changes nothing: proves nothing"
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_merge_unmerge_round_trip(case):
     _, _, model, x = case
     layer = model.layer
-    w0 = layer.weight.detach().clone()
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    want_w, want_b = (t.detach().float() for t in reference_layer(layer))
     adapted = model(x)
     mm_spectral.merge(model)
+    merged_w, merged_b = layer.weight.detach().clone(), layer.bias.detach().clone()
     mm_spectral.merge(model)  # idempotent
     assert layer.merged
+    assert torch.equal(layer.weight, merged_w) and torch.equal(layer.bias, merged_b)
     torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(layer.weight.detach(), w0 + layer.adapter.delta_weight().detach())
+    torch.testing.assert_close(merged_w, want_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged_b, want_b, rtol=1e-5, atol=1e-6)
     mm_spectral.unmerge(model)
     mm_spectral.unmerge(model)
     assert not layer.merged
     torch.testing.assert_close(layer.weight.detach(), w0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.bias.detach(), b0, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_merged_state_dict_holds_the_reference_weights(case):
+    _, _, model, _ = case
+    want_w, want_b = (t.detach().float() for t in reference_layer(model.layer))
+    state = mm_spectral.merged_state_dict(model)
+    assert set(state) == {"layer.weight", "layer.bias"}
+    torch.testing.assert_close(state["layer.weight"], want_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state["layer.bias"], want_b, rtol=1e-5, atol=1e-6)
+    assert not model.layer.merged
 
 
 def test_merged_layer_runs_like_the_plain_layer(case):
@@ -66,12 +85,13 @@ def test_only_adapter_parameters_get_gradients(case):
 
 
 def test_zero_initialised_adapters_start_as_identity():
-    """LoRA, FLoRA, FoRA and FourierFT(init='zeros') leave the layer's output unchanged."""
+    """Every method (FourierFT with init='zeros') leaves the layer's output unchanged."""
     torch.manual_seed(0)
     for method, cfg in METHODS.items():
-        cfg = dict(cfg, init="zeros") if method == "FourierFT" else cfg
-        layer = torch.nn.Sequential(torch.nn.Conv2d(6, 10, 3, padding=1))
-        x = torch.randn(2, 6, 8, 8)
+        cfg = dict(cfg, init="zeros") if cfg["type"] == "FourierFT" else cfg
+        factory, shape = LAYERS["linear" if method in ROW_METHODS else "conv3x3"]
+        layer = torch.nn.Sequential(factory())
+        x = torch.randn(shape)
         before = layer(x)
         mm_spectral.inject(layer, dict(cfg, targets=["0"]))
         torch.testing.assert_close(layer(x), before, msg=method)
@@ -104,7 +124,7 @@ def test_adapter_state_dict_round_trip(case):
     state = mm_spectral.adapter_state_dict(model)
     assert state and all(".adapter." in k for k in state)
     assert set(state) == {k for k in model.state_dict() if ".adapter." in k}
-    if method in ("FourierFT", "FoRA"):
+    if METHODS[method]["type"] in ("FourierFT", "FoRA"):
         assert any(k.endswith("indices") for k in state), "spectral entries must be saved"
     fresh, _ = make_case(method, layer_name, seed=123)
     fresh.layer.load_state_dict(model.layer.state_dict(), strict=False)  # same base weights
@@ -124,8 +144,9 @@ def test_base_checkpoint_loads_before_and_after_injection():
     assert set(plain.state_dict()) <= set(adapted.state_dict())
 
 
-def test_gradients_match_autograd_through_the_merged_weight(case):
-    """The fused/factored backward equals autograd through F(x, W0 + ΔW)."""
+def test_gradients_match_autograd_through_the_reference(case):
+    """The fused/factored backward equals autograd through the float64 reference
+    F(x, W', b') (DoRA: with its column norm detached, paper §4.3)."""
     _, _, model, x = case
     layer = model.layer
     layer.bias.requires_grad_(True)  # a `trainable` bias must get its gradient too
@@ -133,10 +154,12 @@ def test_gradients_match_autograd_through_the_merged_weight(case):
     params = [x, layer.bias, *layer.adapter.parameters()]
     probe = torch.randn_like(model(x))
     grads = torch.autograd.grad((model(x) * probe).sum(), params)
-    reference = functional_with(layer, x, layer.weight + layer.adapter.delta_weight())
-    ref_grads = torch.autograd.grad((reference * probe).sum(), params)
+    weight, bias = reference_layer(layer, detach_norm=True)
+    reference = functional_with(layer, x.double(), weight, bias)
+    ref_grads = torch.autograd.grad((reference * probe.double()).sum(), params)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert want.abs().max() > 0, "zero reference gradient: the test proves nothing"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
 def test_trainable_base_weight_gets_its_gradient():
@@ -147,6 +170,7 @@ def test_trainable_base_weight_gets_its_gradient():
         layer = model.layer
         layer.weight.requires_grad_(True)
         got = torch.autograd.grad(model(x).square().sum(), layer.weight)[0]
-        ref = functional_with(layer, x, layer.weight + layer.adapter.delta_weight().detach())
+        weight, bias = reference_layer(layer, detach_norm=True)
+        ref = functional_with(layer, x.double(), weight, bias)
         want = torch.autograd.grad(ref.square().sum(), layer.weight)[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=method)

@@ -128,8 +128,19 @@ def test_pattern_matching_no_layer_names_what_it_matched():
         (dict(type="FourierFT", n=10_000), r"'fc1': n=10000 exceeds the 16x8 weight's 128"),
         (dict(type="FourierFT", n=5, init="uniform"), "init must be one of"),
         (dict(type="FoRA", rank=2, n=-3), "n must be > 0"),
-        (dict(type="DoRA", rank=2), r"unknown adapter type 'DoRA'; known types: \['FLoRA', "),
+        (
+            dict(type="VeRA", rank=2),
+            r"unknown adapter type 'VeRA'; known types: \['BitFit', 'DoRA', ",
+        ),
         (dict(type="LoRA", rnak=2), "LoRA on layer 'fc1'.*rnak"),
+        (dict(type="DoRA", rank=0), r"DoRA on layer 'fc1': rank must be > 0, got 0"),
+        (dict(type="DoRA", conv_factors="flat"), r"DoRA on layer 'fc1': conv_factors must be one"),
+        (dict(type="BitFit", rank=2), "BitFit on layer 'fc1'.*rank"),
+        (
+            dict(type="LoRA", row_blocks=dict(split=3, use=(0,))),
+            r"does not fit 2 layers:\n  row_blocks on layer 'fc1': split=3 must be a positive "
+            r"divisor of 16 rows\n  row_blocks on layer 'stem': row blocks apply to nn.Linear",
+        ),
         (dict(type="LoRA", trainable=["nothing"]), "trainable pattern 'nothing'"),
     ],
 )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import mm_spectral
 from mm_spectral.adapters.base import LayerSpec
 from mm_spectral.adapters.spectral import (
-    band_entries,
+    frequency_bias,
     half_spectrum_positions,
     sample_entries,
     sparse_spectrum_to_real,
@@ -87,27 +89,76 @@ def test_entries_are_distinct_seeded_and_shared_by_shape():
     assert torch.equal(model[0].adapter.indices, model[1].adapter.indices)
 
 
-def test_frequency_bias_draws_inside_the_band():
-    rows, cols, fc, bandwidth = 32, 48, 10.0, 4.0
-    indices = sample_entries(rows, cols, 50, seed=0, fc=fc, bandwidth=bandwidth)
+@pytest.mark.parametrize("shape", [(32, 48), (31, 20)])
+def test_frequency_bias_is_paper_eq5_on_the_shifted_spectrum(shape):
+    """p = exp(−((D² − fc²)/(D·W))²) with D measured from the centre of the fftshift-ed
+    spectrum (the official code's (d/2, d/2) grid, shifted back), written out entry by entry."""
+    rows, cols = shape
+    fc, width = 6.0, 3.0
+    shifted = torch.zeros(rows, cols, dtype=torch.float64)
+    for r in range(rows):
+        for c in range(cols):
+            d = math.hypot(r - rows // 2, c - cols // 2)
+            shifted[r, c] = 0.0 if d == 0 else math.exp(-(((d**2 - fc**2) / (d * width)) ** 2))
+    expected = torch.fft.ifftshift(shifted)
+    torch.testing.assert_close(frequency_bias(rows, cols, fc, width).double(), expected)
+
+
+def _radius(indices: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     u = torch.minimum(indices[0], rows - indices[0]).double()
     v = torch.minimum(indices[1], cols - indices[1]).double()
-    radius = (u**2 + v**2).sqrt()
-    assert ((radius - fc).abs() <= bandwidth / 2).all()
-    assert band_entries(rows, cols, fc, bandwidth).numel() > 50
-    with pytest.raises(ValueError, match="fewer than n"):
-        sample_entries(rows, cols, 10_000, seed=0, fc=fc, bandwidth=bandwidth)
-    with pytest.raises(ValueError, match="bandwidth"):
+    return (u**2 + v**2).sqrt()
+
+
+def test_biased_draws_follow_eq5():
+    """Single draws over 3000 seeds: their frequency radii follow p ∝ Eq. 5 (chi-square
+    over radius bins). A draw uniform over the ring |D − fc| ≤ W/2 fails it."""
+    rows, cols, fc, width, draws = 48, 64, 10.0, 4.0, 3000
+    p = frequency_bias(rows, cols, fc, width).double().flatten()
+    all_radii = _radius(
+        torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")).flatten(
+            1
+        ),
+        rows,
+        cols,
+    )
+    bins = all_radii.round().long()
+    expected = torch.zeros(int(bins.max()) + 1, dtype=torch.float64)
+    expected.index_add_(0, bins, p / p.sum() * draws)
+    drawn = torch.cat([sample_entries(rows, cols, 1, seed, fc, width) for seed in range(draws)], 1)
+    observed = torch.bincount(_radius(drawn, rows, cols).round().long(), minlength=len(expected))
+    keep = expected >= 5  # pool the thin tails into one bin
+    obs = torch.cat([observed[keep].double(), observed[~keep].sum().double().view(1)])
+    exp = torch.cat([expected[keep], expected[~keep].sum().view(1)])
+    chi2 = ((obs - exp) ** 2 / exp).sum().item()
+    assert chi2 < 40, f"chi-square {chi2:.1f} over {len(exp) - 1} degrees of freedom"
+    # Eq. 5 puts real mass outside the ring: about a fifth here, none for a ring draw.
+    outside = (p * ((all_radii - fc).abs() > width / 2)).sum() / p.sum()
+    measured = ((_radius(drawn, rows, cols) - fc).abs() > width / 2).double().mean()
+    assert outside > 0.15 and abs(measured - outside) < 0.03, (measured, outside)
+
+
+def test_biased_draw_is_seeded_distinct_and_checked():
+    rows, cols, fc, width = 32, 48, 10.0, 4.0
+    a = sample_entries(rows, cols, 200, seed=1, fc=fc, bandwidth=width)
+    assert a.shape == (2, 200) and (a[0] * cols + a[1]).unique().numel() == 200
+    assert torch.equal(a, sample_entries(rows, cols, 200, seed=1, fc=fc, bandwidth=width))
+    assert not torch.equal(a, sample_entries(rows, cols, 200, seed=2, fc=fc, bandwidth=width))
+    assert (frequency_bias(rows, cols, fc, width)[a[0], a[1]] > 0).all()
+    with pytest.raises(ValueError, match="non-zero probability, fewer than n=1536"):
+        sample_entries(rows, cols, rows * cols, seed=0, fc=fc, bandwidth=width)
+    with pytest.raises(ValueError, match="bandwidth > 0"):
         sample_entries(rows, cols, 5, seed=0, fc=fc)
+    with pytest.raises(ValueError, match="fc >= 0"):
+        sample_entries(rows, cols, 5, seed=0, fc=-1.0, bandwidth=2.0)
 
 
 def test_fourierft_frequency_bias_through_inject():
     model = torch.nn.Sequential(torch.nn.Linear(40, 30))
     mm_spectral.inject(model, dict(type="FourierFT", targets=["0"], n=20, fc=5.0, bandwidth=2.0))
     idx = model[0].adapter.indices
-    u = torch.minimum(idx[0], 30 - idx[0]).double()
-    v = torch.minimum(idx[1], 40 - idx[1]).double()
-    assert (((u**2 + v**2).sqrt() - 5.0).abs() <= 1.0).all()
+    assert torch.equal(idx, sample_entries(30, 40, 20, 777, fc=5.0, bandwidth=2.0))
+    assert (frequency_bias(30, 40, 5.0, 2.0)[idx[0], idx[1]] > 0).all()
 
 
 def test_fora_initial_factor_variance_matches_kaiming_uniform():

@@ -13,21 +13,27 @@ from .base import (
     is_adapted,
     register_adapter,
 )
+from .bitfit import BitFit
+from .dora import DoRA
 from .flora import FLoRA
 from .fora import FoRA
 from .fourierft import FourierFT
 from .lora import LoRA
+from .row_blocks import RowBlocks
 
 __all__ = [
     "ADAPTABLE_TYPES",
     "ADAPTERS",
     "BaseAdapter",
+    "BitFit",
+    "DoRA",
     "FLoRA",
     "FoRA",
     "FourierFT",
     "LayerSpec",
     "LoRA",
     "LowRankAdapter",
+    "RowBlocks",
     "adapted_class",
     "is_adapted",
     "register_adapter",

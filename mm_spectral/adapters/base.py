@@ -1,5 +1,5 @@
 """The adapter contract: an adapted layer keeps its own parameters, gains an ``adapter``
-child, and can fold the adapter's ΔW into its weight (merge) and take it out (unmerge).
+child, and can fold the adapter into its weight and bias (merge) and take it out (unmerge).
 
 Pure PyTorch: nothing here imports OpenMMLab.
 """
@@ -44,13 +44,15 @@ class LayerSpec:
     kind: str  # 'linear' or 'conv2d'
     weight_shape: tuple[int, ...]
     groups: int = 1
+    bias: bool = True  # whether the layer has a bias (BitFit needs one)
 
     @classmethod
     def of(cls, name: str, layer: nn.Module) -> LayerSpec:
+        bias = getattr(layer, "bias", None) is not None
         if isinstance(layer, nn.Linear):
-            return cls(name, "linear", tuple(layer.weight.shape))
+            return cls(name, "linear", tuple(layer.weight.shape), bias=bias)
         if isinstance(layer, nn.Conv2d):
-            return cls(name, "conv2d", tuple(layer.weight.shape), layer.groups)
+            return cls(name, "conv2d", tuple(layer.weight.shape), layer.groups, bias)
         raise TypeError(
             f"layer '{name}' is a {type(layer).__name__}; adapters apply to nn.Linear and nn.Conv2d"
         )
@@ -84,6 +86,16 @@ def check_positive(spec: LayerSpec, method: str, **values: int | float) -> None:
             raise ValueError(f"{method} on layer '{spec.name}': {key} must be > 0, got {value!r}")
 
 
+@dataclass
+class Fold:
+    """What merging one layer writes: its new weight and bias (None: left as they are), and
+    what unmerging needs besides the adapter (``memo``, e.g. DoRA's column norms)."""
+
+    weight: Tensor | None
+    bias: Tensor | None = None
+    memo: Any = None
+
+
 def layer_op(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Run the layer's own operation (linear or conv with its stride/padding/…) with ``weight``."""
     if isinstance(layer, nn.Conv2d):
@@ -92,18 +104,28 @@ def layer_op(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -
 
 
 class BaseAdapter(nn.Module):
-    """Parameters of one layer's weight change ΔW.
+    """Parameters of one layer's weight change ΔW (and, for BitFit, bias change Δb).
 
     Subclasses set ``method`` (the config ``type``), register with :func:`register_adapter`
     and implement :meth:`delta` (ΔW in float32 or the parameters' dtype, any shape that
     reshapes to the weight). The default forward is the dense path, one op with
     ``W0 + ΔW``; low-rank methods override it with a factored path.
+
+    Merging goes through :meth:`merged_weight` / :meth:`unmerged_weight` and
+    :meth:`delta_bias`: W0 + ΔW, W' − ΔW and None here; DoRA (not ``additive``: it rescales
+    W0 + ΔW) and BitFit (Δb only) override them. Everything else (merge, unmerge,
+    merged state dicts, finite checks) is written once, on top of these.
     """
 
     method: ClassVar[str] = ""
     # Buffers fixed at construction (spectral entries drawn from a seed): a state dict
     # loads only if they equal the model's, since the coefficients mean nothing elsewhere.
     fixed_buffers: ClassVar[tuple[str, ...]] = ()
+    # Whether merging adds a ΔW that does not depend on W0 (all but DoRA).
+    additive: ClassVar[bool] = True
+    # Tensors derived from the base weight (DoRA's magnitude ‖W0‖_c): re-derived by
+    # :meth:`reset_from_base` when the base weight changes after injection.
+    base_dependent: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__()
@@ -118,12 +140,37 @@ class BaseAdapter(nn.Module):
         delta = self.delta().reshape(self.spec.weight_shape)
         return delta if dtype is None else delta.to(dtype)
 
+    def delta_bias(self) -> Tensor | None:
+        """Δb added to the layer's bias (None: the method leaves the bias alone)."""
+        return None
+
+    def merged_weight(self, weight: Tensor) -> tuple[Tensor, Any]:
+        """(W', memo): the weight merging writes over base weight ``weight`` (W0 + ΔW, in
+        W0's dtype), and what :meth:`unmerged_weight` needs besides to undo it."""
+        return weight + self.delta_weight(weight.dtype), None
+
+    def unmerged_weight(self, weight: Tensor, memo: Any) -> Tensor:
+        """W0 back from the merged weight W' and :meth:`merged_weight`'s memo."""
+        return weight - self.delta_weight(weight.dtype)
+
+    def reset_from_base(self, weight: Tensor) -> None:
+        """Re-derive the tensors that depend on the base weight (none here; DoRA's
+        magnitude): called at injection and whenever the base weight is loaded later."""
+
+    def size_warning(self) -> str | None:
+        """What exceeds the layer's shape (a rank above a mode, more parameters than the
+        weight), or None; :func:`mm_spectral.inject` warns once with every such layer."""
+        return None
+
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
-        """Output of ``layer`` with weight ``W0 + ΔW``: one op, ΔW built once."""
+        """Output of ``layer`` with weight ``W0 + ΔW`` (bias b + Δb): one op, ΔW built once."""
         delta = self.delta().reshape(self.spec.weight_shape)
+        bias, delta_bias = layer.bias, self.delta_bias()
+        if delta_bias is not None:
+            bias = bias + delta_bias
         if self.spec.kind == "linear":
-            return delta_linear(x, layer.weight, layer.bias, delta)
-        return layer_op(layer, x, layer.weight + delta.to(layer.weight.dtype), layer.bias)
+            return delta_linear(x, layer.weight, bias, delta)
+        return layer_op(layer, x, layer.weight + delta.to(layer.weight.dtype), bias)
 
     def refresh_buffers(self) -> None:
         """Recompute derived (non-persistent) buffers after persistent ones changed."""
@@ -148,18 +195,27 @@ class LowRankAdapter(BaseAdapter):
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         raise NotImplementedError
 
+    @property
+    def factored(self) -> bool:
+        """Whether the forward runs ``x → down → up`` (else the dense path with ΔW)."""
+        return self.spec.factorable
+
     def delta(self) -> Tensor:
         down, up, scale = self.low_rank_factors()
         delta = torch.mm(up, down)
         return delta if scale == 1.0 else delta.mul_(scale)
 
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
-        if not self.spec.factorable:
+        if not self.factored:
             return super().forward(x, layer)
+        return self.factored_forward(x, layer, layer.bias)
+
+    def factored_forward(self, x: Tensor, layer: nn.Module, bias: Tensor | None) -> Tensor:
+        """x W0ᵀ + bias + scale · (x downᵀ) upᵀ (for a conv: its op with W0, then down, up)."""
         down, up, scale = self.low_rank_factors()
         if self.spec.kind == "linear":
-            return low_rank_linear(x, layer.weight, layer.bias, down, up, scale)
-        base = layer_op(layer, x, layer.weight, layer.bias)
+            return low_rank_linear(x, layer.weight, bias, down, up, scale)
+        base = layer_op(layer, x, layer.weight, bias)
         rank = down.shape[0]
         hidden = layer_op(layer, x, down.reshape(rank, *self.spec.weight_shape[1:]), None)
         up = up if scale == 1.0 else up * scale
@@ -171,6 +227,7 @@ class AdaptedLayerMixin:
 
     adapter: BaseAdapter
     merged: bool
+    merge_memo: Any = None  # what unmerge needs besides the adapter (DoRA's column norms)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         if self.merged:
@@ -179,33 +236,71 @@ class AdaptedLayerMixin:
         # than a small adapter's arithmetic, and adapters carry no hooks.
         return self.adapter.forward(x, self)
 
+    def base_weight(self) -> Tensor:
+        """W0, merged or not."""
+        weight = self.weight  # type: ignore[attr-defined]
+        return self.adapter.unmerged_weight(weight, self.merge_memo) if self.merged else weight
+
     def delta_weight(self) -> Tensor:
-        """ΔW of this layer in its weight's shape and dtype, scale included."""
-        return self.adapter.delta_weight(self.weight.dtype)  # type: ignore[attr-defined]
+        """ΔW of this layer, what merging adds to its weight, in the weight's shape and
+        dtype, scale included (for DoRA the rescaled W' − W0)."""
+        adapter = self.adapter
+        if adapter.additive:
+            return adapter.delta_weight(self.weight.dtype)  # type: ignore[attr-defined]
+        base = self.base_weight()
+        return adapter.merged_weight(base)[0] - base
 
     @torch.no_grad()
-    def finite_delta(self) -> Tensor:
-        """:meth:`delta_weight`, detached; raises naming the layer if it is not finite."""
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise ValueError(f"ΔW of layer '{self.adapter.spec.name}' is not finite; not merged")
-        return delta
+    def fold(self) -> Fold:
+        """What :meth:`merge` writes (the layer must not be merged); raises naming the
+        layer if it is not finite."""
+        name = self.adapter.spec.name
+        if self.merged:
+            raise RuntimeError(f"layer '{name}' is merged already")
+        weight, memo = self.adapter.merged_weight(self.weight)  # type: ignore[attr-defined]
+        delta_bias = self.adapter.delta_bias()
+        bias = None if delta_bias is None else self.bias + delta_bias.to(self.bias.dtype)  # type: ignore[attr-defined]
+        fold = Fold(None if weight is self.weight else weight, bias, memo)  # type: ignore[attr-defined]
+        if not all(torch.isfinite(t).all() for t in (fold.weight, fold.bias) if t is not None):
+            raise ValueError(f"ΔW of layer '{name}' is not finite; not merged")
+        return fold
 
     @torch.no_grad()
-    def merge(self, delta: Tensor | None = None) -> None:
-        """Add ΔW (or the given, already checked ``delta``) to the weight; idempotent."""
+    def merge(self, fold: Fold | None = None) -> None:
+        """Write the adapted weight and bias (or the given, already checked ``fold``)
+        into the layer; idempotent."""
         if self.merged:
             return
-        self.weight.add_(self.finite_delta() if delta is None else delta)  # type: ignore[attr-defined]
+        fold = self.fold() if fold is None else fold
+        if fold.weight is not None:
+            self.weight.copy_(fold.weight)  # type: ignore[attr-defined]
+        if fold.bias is not None:
+            self.bias.copy_(fold.bias)  # type: ignore[attr-defined]
+        self.merge_memo = fold.memo
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the current ΔW from the weight again (idempotent)."""
+        """Restore W0 (and b0) from the merged weight and the adapter (idempotent)."""
         if not self.merged:
             return
-        self.weight.sub_(self.delta_weight())  # type: ignore[attr-defined]
+        weight = self.weight  # type: ignore[attr-defined]
+        restored = self.adapter.unmerged_weight(weight, self.merge_memo)
+        if restored is not weight:
+            weight.copy_(restored)
+        delta_bias = self.adapter.delta_bias()
+        if delta_bias is not None:
+            self.bias.sub_(delta_bias.to(self.bias.dtype))  # type: ignore[attr-defined]
+        self.merge_memo = None
         self.merged = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # A base weight loaded after injection (OpenMMLab loads pretrained weights in
+        # init_weights): what the adapter derived from the old weight follows it. The
+        # adapter's own tensors load after this (children load after their parent).
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        if f"{prefix}weight" in state_dict and not self.merged:
+            self.adapter.reset_from_base(self.weight)  # type: ignore[attr-defined]
 
     def __reduce_ex__(self, protocol: int):
         # Adapted<X> classes are made at run time, so pickle cannot find them by name:

@@ -107,5 +107,18 @@ class FLoRA(LowRankAdapter):
         # Conv: the scale goes into the (small) down factor, sparing an op on the up one.
         return conv_tucker_down(self.core, self.factors, self.scale), self.factors[0], 1.0
 
+    def size_warning(self) -> str | None:
+        # Modes of size 1 (a depthwise conv's in/groups, a 1×1 kernel) clip by design.
+        mode_ranks = [self.rank, self.rank] + [self.kernel_rank] * (len(self.spec.weight_shape) - 2)
+        clipped = [
+            f"{r} > {size}" for r, size in zip(mode_ranks, self.spec.weight_shape) if r > size > 1
+        ]
+        if not clipped:
+            return None
+        return (
+            f"FLoRA core ranks clipped to the weight's modes {self.spec.weight_shape}: "
+            f"{', '.join(clipped)} (core {tuple(self.core.shape)})"
+        )
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, core={tuple(self.core.shape)}, scale={self.scale:g}"

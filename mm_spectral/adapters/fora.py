@@ -49,7 +49,7 @@ class FoRA(LowRankAdapter):
         super().__init__(spec)
         check_positive(spec, self.method, rank=rank, n=n)
         out_features, fan_in = spec.matrix_shape
-        self.rank, self.scale, self.seed = rank, scale, seed
+        self.rank, self.n, self.scale, self.seed = rank, n, scale, seed
         self.a_shape, self.b_shape = (rank, fan_in), (out_features, rank)
         n_a, n_b = min(n, rank * fan_in), min(n, out_features * rank)
         self.register_buffer("a_indices", sample_entries(*self.a_shape, n_a, seed))
@@ -80,6 +80,16 @@ class FoRA(LowRankAdapter):
         down = sparse_spectrum_to_real(self.a_coefficients, self.a_positions, self.a_shape)
         up = sparse_spectrum_to_real(self.b_coefficients, self.b_positions, self.b_shape)
         return down, up, self.scale
+
+    def size_warning(self) -> str | None:
+        out_features, fan_in = self.spec.matrix_shape
+        notes = []
+        if self.rank > min(out_features, fan_in):
+            notes.append(f"rank {self.rank} > min({out_features}, {fan_in})")
+        kept = (self.a_coefficients.numel(), self.b_coefficients.numel())
+        if kept != (self.n, self.n):
+            notes.append(f"n={self.n} clipped to the factors' sizes {kept}")
+        return f"FoRA {'; '.join(notes)}" if notes else None
 
     def extra_repr(self) -> str:
         n = self.a_coefficients.numel()

@@ -29,8 +29,9 @@ class FourierFT(BaseAdapter):
         n: number of learnable spectral coefficients.
         alpha: scale α (peft's default 150; task-sensitive, keep it in the config).
         seed: seed of the entry draw.
-        fc, bandwidth: optional frequency bias (paper Eq. 5): draw entries only from the
-            band of frequency radius fc ± bandwidth/2.
+        fc, bandwidth: optional frequency bias (paper Eq. 5): draw the n entries without
+            replacement with probability ∝ exp(−((D² − fc²) / (D · bandwidth))²), D the
+            entry's distance from the centre of the shifted spectrum.
         init: 'gaussian' (paper, N(0, 1) coefficients) or 'zeros' (ΔW starts at zero).
     """
 

@@ -20,13 +20,18 @@ def _sample_entries_cached(
         # The same draw as peft's FourierFT: a seeded permutation of the flat entries.
         flat = torch.randperm(rows * cols, generator=generator, device="cpu")[:n]
     else:
-        candidates = band_entries(rows, cols, fc, bandwidth)
-        if candidates.numel() < n:
+        weights = _frequency_bias_cached(rows, cols, fc, bandwidth).flatten()
+        possible = int((weights > 0).sum())
+        if possible < n:
             raise ValueError(
-                f"the frequency band fc={fc}, bandwidth={bandwidth} of a {rows}x{cols} spectrum "
-                f"holds {candidates.numel()} entries, fewer than n={n}"
+                f"the frequency bias fc={fc}, bandwidth={bandwidth} of a {rows}x{cols} spectrum "
+                f"gives {possible} entries a non-zero probability, fewer than n={n}"
             )
-        flat = candidates[torch.randperm(candidates.numel(), generator=generator, device="cpu")[:n]]
+        # n draws without replacement, each with probability ∝ p among those left: the
+        # n smallest E_k / p_k for E_k ~ Exp(1) (an exponential race; same law as
+        # torch.multinomial(p, n), which refuses more than 2^24 entries, e.g. 3200x12800).
+        race = torch.empty(weights.shape).exponential_(generator=generator)
+        flat = torch.topk(race / weights, n, largest=False, sorted=True).indices
     return torch.stack([flat // cols, flat % cols])
 
 
@@ -40,23 +45,44 @@ def sample_entries(
 ) -> Tensor:
     """Draw ``n`` distinct entries of a rows×cols spectrum as a LongTensor (2, n).
 
-    The draw depends only on (shape, n, seed, band), so layers of one shape share entries
-    and a seed reproduces them. With ``fc`` set, entries are drawn uniformly from the band
-    ``|D(u, v) − fc| ≤ bandwidth / 2`` (FourierFT's frequency bias, paper Eq. 5), where
-    D is the distance of the entry's signed frequency from the zero frequency.
+    The draw depends only on (shape, n, seed, bias), so layers of one shape share entries
+    and a seed reproduces them. Without ``fc`` it is uniform (peft's draw); with ``fc`` and
+    ``bandwidth`` each entry is drawn with probability ∝ :func:`frequency_bias` (FourierFT's
+    frequency bias, paper Eq. 5), without replacement.
     """
-    if fc is not None and (bandwidth is None or bandwidth <= 0):
-        raise ValueError(f"a frequency bias fc={fc} needs a bandwidth > 0, got {bandwidth!r}")
+    if fc is not None and (bandwidth is None or not bandwidth > 0 or not fc >= 0):
+        raise ValueError(
+            f"a frequency bias needs fc >= 0 and bandwidth > 0, got fc={fc!r}, "
+            f"bandwidth={bandwidth!r}"
+        )
     return _sample_entries_cached(rows, cols, n, seed, fc, bandwidth).clone()
 
 
-def band_entries(rows: int, cols: int, fc: float, bandwidth: float) -> Tensor:
-    """Flat indices of the entries whose frequency radius lies within fc ± bandwidth/2."""
-    u = torch.fft.fftfreq(rows, d=1.0 / rows, device="cpu").abs()  # signed frequency
-    v = torch.fft.fftfreq(cols, d=1.0 / cols, device="cpu").abs()
-    radius = torch.sqrt(u[:, None] ** 2 + v[None, :] ** 2)
-    inside = (radius - fc).abs() <= bandwidth / 2
-    return inside.flatten().nonzero().flatten()
+def frequency_distance(rows: int, cols: int) -> Tensor:
+    """D(u, v) of every entry (float32, rows×cols): its distance from the centre of the
+    fftshift-ed spectrum, i.e. the length of its signed frequency (fftfreq · size)."""
+    u = torch.fft.fftfreq(rows, d=1.0 / rows)
+    v = torch.fft.fftfreq(cols, d=1.0 / cols)
+    return torch.sqrt(u[:, None] ** 2 + v[None, :] ** 2)
+
+
+def frequency_bias(rows: int, cols: int, fc: float, bandwidth: float) -> Tensor:
+    """FourierFT's Eq. 5, p(u, v) = exp(−((D² − fc²) / (D · W))²), for every entry (float32).
+
+    Gaussian band-pass weights peaking at 1 on the circle D = fc, of width ~W. The official
+    code builds D on the shifted spectrum around (d/2, d/2) and shifts back, which is
+    :func:`frequency_distance` (the same for even sizes, the natural centre for odd ones).
+    At D = 0 (the constant term) the limit is taken: 0 for fc > 0, 1 for fc = 0.
+    """
+    return _frequency_bias_cached(rows, cols, fc, bandwidth).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _frequency_bias_cached(rows: int, cols: int, fc: float, bandwidth: float) -> Tensor:
+    distance = frequency_distance(rows, cols)
+    p = torch.exp(-(((distance**2 - fc**2) / (distance * bandwidth)) ** 2))
+    p[distance == 0] = 1.0 if fc == 0 else 0.0
+    return p
 
 
 class _SparseSpectrumToReal(torch.autograd.Function):

@@ -1,0 +1,121 @@
+"""DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): a learnable
+magnitude per output channel times the direction of W0 + ΔW, ΔW a LoRA update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import LayerSpec, layer_op, register_adapter
+from .lora import LoRA
+
+
+def channel_norm(weight: Tensor) -> Tensor:
+    """‖W‖_c: the norm of each output channel over every other axis (in, kh, kw)."""
+    return torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
+
+
+def _per_row(values: Tensor, weight: Tensor) -> Tensor:
+    """(out,) → broadcastable against a weight (out, …)."""
+    return values.view(-1, *[1] * (weight.dim() - 1))
+
+
+@register_adapter
+class DoRA(LoRA):
+    """W' = m · (W0 + ΔW) / ‖W0 + ΔW‖_c with ΔW = (alpha / rank) · B A (LoRA's factors).
+
+    ``magnitude`` m has one entry per output channel and starts at ‖W0‖_c, the norm over
+    every axis but the output one (so convs, depthwise included, work), making W' = W0 at
+    the start (B starts at zero).
+
+    Forward on linears and ungrouped convs (``conv_factors='matrix'``) runs factored,
+    y = (m / ‖W0 + ΔW‖_c) ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ) + b, with the norm computed without
+    gradient as in the DoRA paper §4.3: the output value is exact, only the gradient
+    through the norm is dropped (the paper's memory saving). Grouped/depthwise convs and
+    loralib conv factors build W' (same detached norm). The norm needs the rows of
+    W0 + ΔW: built under no_grad, a transient that is not kept for the backward.
+
+    Merging writes W' exactly (norm with gradient or not: the same value) and keeps the
+    column norms ‖W0 + ΔW‖_c (one number per output channel) to undo it:
+    W0 = W' · ‖W0 + ΔW‖_c / m − ΔW; rows whose m is 0 keep W0 itself.
+
+    The magnitude follows the base weight until it is trained or loaded: set from W0 at
+    injection, and set again from the new W0 when a base checkpoint is loaded into the
+    layer afterwards (OpenMMLab's ``init_weights``) unless that state dict, or an earlier
+    one, holds the magnitude itself (see :meth:`reset_from_base`).
+
+    Args:
+        spec: the adapted layer.
+        **lora_args: ``rank``, ``alpha``, ``conv_factors``, as :class:`LoRA`.
+    """
+
+    method = "DoRA"
+    additive = False
+    base_dependent = ("magnitude",)
+
+    def __init__(self, spec: LayerSpec, **lora_args: Any) -> None:
+        super().__init__(spec, **lora_args)
+        self.magnitude = nn.Parameter(torch.ones(spec.weight_shape[0]))
+        self.magnitude_loaded = False  # True once a state dict set it: then it is kept
+
+    @torch.no_grad()
+    def reset_from_base(self, weight: Tensor) -> None:
+        """m = ‖W0‖_c, unless the magnitude came from a state dict (trained values)."""
+        if not self.magnitude_loaded:
+            self.magnitude.copy_(channel_norm(weight.to(self._wide(weight))))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if f"{prefix}magnitude" in state_dict:
+            self.magnitude_loaded = True
+
+    def _wide(self, weight: Tensor) -> torch.dtype:
+        return torch.promote_types(weight.dtype, self.magnitude.dtype)
+
+    def _direction(self, weight: Tensor) -> Tensor:
+        """W0 + ΔW in the wider of the two dtypes, with gradient to the factors."""
+        return weight.to(self._wide(weight)) + self.delta_weight(self._wide(weight))
+
+    def _scale(self, direction: Tensor) -> Tensor:
+        """m / ‖W0 + ΔW‖_c with the norm detached (paper §4.3): (out,)."""
+        norm = channel_norm(direction.detach())
+        return self.magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+    def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
+        if not self.factored:
+            direction = self._direction(layer.weight)
+            weight = direction * _per_row(self._scale(direction), layer.weight)
+            return layer_op(layer, x, weight, layer.bias)
+        with torch.no_grad():
+            direction = self._direction(layer.weight)  # only for the norm: not kept
+        scale = self._scale(direction)
+        del direction
+        out = self.factored_forward(x, layer, None)
+        # Output channels are the last axis of a linear's output, axis 1 of a conv's.
+        shape = (-1,) if self.spec.kind == "linear" else (-1, 1, 1)
+        scale = scale.to(out.dtype).view(shape)
+        if layer.bias is None:
+            return out * scale
+        return torch.addcmul(layer.bias.to(out.dtype).view(shape), out, scale)
+
+    def merged_weight(self, weight: Tensor) -> tuple[Tensor, Any]:
+        direction = self._direction(weight)
+        norm = channel_norm(direction)
+        scale = self.magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        merged = direction * _per_row(scale, weight)
+        dead = (self.magnitude == 0).nonzero().flatten()  # W' rows of 0 say nothing of W0
+        return merged.to(weight.dtype), (norm, dead, weight[dead].clone())
+
+    def unmerged_weight(self, weight: Tensor, memo: Any) -> Tensor:
+        norm, dead, dead_rows = memo
+        wide = self._wide(weight)
+        direction = weight.to(wide) * _per_row(norm / self.magnitude, weight)
+        restored = (direction - self.delta_weight(wide)).to(weight.dtype)
+        restored[dead] = dead_rows
+        return restored
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, magnitude per output channel"
