@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ADAPTERS = ["LoRA r16", "FLoRA r16", "FourierFT n3000", "FoRA r64 n8000"]
+ADAPTERS = ["LoRA r16", "DoRA r16", "FLoRA r16", "FourierFT n3000", "FoRA r64 n8000"]
 
 
 def run_tool(*args: str) -> str:

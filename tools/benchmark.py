@@ -50,6 +50,7 @@ VIT_BLOCKS = [r"blocks\.\d+"]
 # The papers' settings (FLoRA Table 9 / FourierFT / FoRA), the same for both backbones.
 ADAPTERS = {
     "LoRA r16": dict(type="LoRA", rank=16, alpha=16),
+    "DoRA r16": dict(type="DoRA", rank=16, alpha=16),
     "FLoRA r16": dict(type="FLoRA", rank=16, kernel_rank=2, scale=4.0),
     "FourierFT n3000": dict(type="FourierFT", n=3000, alpha=150.0),
     "FoRA r64 n8000": dict(type="FoRA", rank=64, n=8000, scale=1.0),
