@@ -353,6 +353,9 @@ def test_package_works_without_triton():
 # --- the benchmark ---------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the interpreted smoke run is for machines without a GPU"
+)
 def test_benchmark_smoke_run():
     """tools/benchmark_kernels.py --device cpu --tiny runs every row (kernels interpreted)."""
     out = run_python("tools/benchmark_kernels.py", "--device", "cpu", "--tiny", interpret=True)
