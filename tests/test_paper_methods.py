@@ -471,3 +471,20 @@ def test_merged_model_loads_into_the_plain_model(cfg):
     mm_spectral.remove_adapters(model)
     assert type(model.fc1) is nn.Linear and not hasattr(model.fc1, "merge_memo")
     torch.testing.assert_close(run(model, x), adapted, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (6, 4, 3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_row_norms_without_forming_delta_equal_the_explicit_norms(shape, dtype):
+    from mm_spectral.adapters.dora import low_rank_row_norms
+
+    torch.manual_seed(0)
+    weight = torch.randn(shape).to(dtype)
+    fan_in = math.prod(shape[1:])
+    down, up, scale = torch.randn(3, fan_in), torch.randn(shape[0], 3), 0.7
+    explicit = (weight.double().reshape(shape[0], -1) + scale * up.double() @ down.double()).norm(
+        dim=1
+    )
+    got = low_rank_row_norms(weight, down, up, scale)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), explicit, rtol=1e-5, atol=1e-5)

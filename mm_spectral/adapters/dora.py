@@ -18,6 +18,24 @@ def channel_norm(weight: Tensor) -> Tensor:
     return torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
 
 
+@torch.no_grad()
+def low_rank_row_norms(weight: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
+    """‖W0 + scale · up @ down‖_c per output channel, in float32, without forming the sum.
+
+    ‖W0ᵢ + sΔᵢ‖² = ‖W0ᵢ‖² + 2s·upᵢ·(down W0ᵢᵀ) + s²·upᵢ (down downᵀ) upᵢᵀ: two passes
+    over W0 (a row-norm reduction and an (out, r) product) instead of writing and reading
+    weight-sized ΔW and W0 + ΔW. Cancellation is harmless while ΔW stays small against W0
+    (float32 keeps ~7 digits of ‖W0ᵢ‖²); the result is clamped at zero.
+    """
+    w = weight.reshape(weight.shape[0], -1)
+    a, b = down.float(), up.float()
+    base = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+    cross = torch.mm(w.to(a.dtype) if w.dtype != a.dtype else w, a.t())  # (out, r)
+    gram = torch.mm(a, a.t())  # (r, r)
+    squares = base + (2.0 * scale) * (b * cross).sum(1) + scale**2 * (torch.mm(b, gram) * b).sum(1)
+    return squares.clamp_min_(0.0).sqrt_()
+
+
 def _per_row(values: Tensor, weight: Tensor) -> Tensor:
     """(out,) → broadcastable against a weight (out, …)."""
     return values.view(-1, *[1] * (weight.dim() - 1))
@@ -35,8 +53,9 @@ class DoRA(LoRA):
     y = (m / ‖W0 + ΔW‖_c) ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ) + b, with the norm computed without
     gradient as in the DoRA paper §4.3: the output value is exact, only the gradient
     through the norm is dropped (the paper's memory saving). Grouped/depthwise convs and
-    loralib conv factors build W' (same detached norm). The norm needs the rows of
-    W0 + ΔW: built under no_grad, a transient that is not kept for the backward.
+    loralib conv factors build W' (same detached norm). On the factored path the norm
+    never builds ΔW: with ΔW = s·B A, ‖W0ᵢ + ΔWᵢ‖² = ‖W0ᵢ‖² + 2s·Bᵢ·(A W0ᵢᵀ) + s²·Bᵢ (A Aᵀ) Bᵢᵀ,
+    one thin product with W0 and an r × r Gram matrix (see :func:`low_rank_row_norms`).
 
     Merging writes W' exactly (norm with gradient or not: the same value) and keeps the
     column norms ‖W0 + ΔW‖_c (one number per output channel) to undo it:
@@ -79,20 +98,17 @@ class DoRA(LoRA):
         """W0 + ΔW in the wider of the two dtypes, with gradient to the factors."""
         return weight.to(self._wide(weight)) + self.delta_weight(self._wide(weight))
 
-    def _scale(self, direction: Tensor) -> Tensor:
-        """m / ‖W0 + ΔW‖_c with the norm detached (paper §4.3): (out,)."""
-        norm = channel_norm(direction.detach())
+    def _scale(self, norm: Tensor) -> Tensor:
+        """m / ‖W0 + ΔW‖_c for a detached norm (paper §4.3): (out,)."""
         return self.magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
         if not self.factored:
             direction = self._direction(layer.weight)
-            weight = direction * _per_row(self._scale(direction), layer.weight)
-            return layer_op(layer, x, weight, layer.bias)
-        with torch.no_grad():
-            direction = self._direction(layer.weight)  # only for the norm: not kept
-        scale = self._scale(direction)
-        del direction
+            scale = self._scale(channel_norm(direction.detach()))
+            return layer_op(layer, x, direction * _per_row(scale, layer.weight), layer.bias)
+        down, up, s = self.low_rank_factors()
+        scale = self._scale(low_rank_row_norms(layer.weight, down, up, s))
         out = self.factored_forward(x, layer, None)
         # Output channels are the last axis of a linear's output, axis 1 of a conv's.
         shape = (-1,) if self.spec.kind == "linear" else (-1, 1, 1)
