@@ -26,7 +26,7 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 from mm_spectral.openmmlab import init_toolbox  # noqa: E402  (registers; fixes torch.load)
-from mm_spectral.openmmlab.checkpoint import checkpoint_kind  # noqa: E402
+from mm_spectral.openmmlab.checkpoint import CheckpointMismatch, checkpoint_kind  # noqa: E402
 from mm_spectral.state import load_checkpoint_file  # noqa: E402
 
 CHECKPOINT_NAME = re.compile(r"^(epoch|iter)_(\d+)(_adapter)?\.pth$")
@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> Runner:
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     if not any(type(h).__name__ == "RandomStateHook" for h in runner.hooks):
         runner.register_hook(dict(type="RandomStateHook"))
-    runner.train()
+    try:
+        runner.train()
+    except CheckpointMismatch as err:
+        raise SystemExit(f"error: {err}") from None
     return runner
 
 

@@ -7,9 +7,10 @@ What MMEngine does and what differs after a resume (mmengine 0.10.7):
   augmentation when ``num_workers=0``, samplers of the heads (RPN / RoI sampling),
   dropout, and each DataLoader iterator's base seed. They are not checkpointed, and
   between a save and the next batch an uninterrupted run also validates while a
-  resumed one replays skipped batches (iteration loops). This hook saves them in the
-  checkpoint (``rng_state``) and sets them back right before the next training batch is
-  drawn (an epoch's start, or the next fetch of an iteration loop) in both runs.
+  resumed one replays skipped batches (iteration loops), and persistent workers' iterator
+  draws its base seed once per run. This hook saves them in the checkpoint
+  (``rng_state``) and sets them back in both runs at the same point: the next fetch of an
+  iteration loop, an epoch's start, or its first iteration with persistent workers.
 - Workers: MMEngine seeds each with ``seed + worker_id + num_workers * rank`` when it
   starts. Non-persistent workers restart every epoch with the same seeds; persistent
   ones keep their generators from epoch to epoch, which a resumed run cannot rebuild.
@@ -115,8 +116,25 @@ class RandomStateHook(Hook):
 
     def before_train_epoch(self, runner) -> None:
         self._epoch[0] = runner.epoch
-        if not hasattr(runner.train_loop, "dataloader_iterator"):
+        if self._restore_point(runner) == "epoch":
             self.restore_if_due(runner.epoch, runner.iter)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        if self._restore_point(runner) == "iter":
+            self.restore_if_due(runner.epoch, runner.iter)
+
+    @staticmethod
+    def _restore_point(runner) -> str:
+        """Where the main process's generators are set back in an epoch loop: at the epoch's
+        start, before its DataLoader iterator draws its base seed, unless the workers are
+        persistent: their iterator draws once per run (a resumed run draws at the resumed
+        epoch, an uninterrupted one does not), so then at the first iteration (the data
+        come from the workers, seeded per epoch)."""
+        if hasattr(runner.train_loop, "dataloader_iterator"):
+            return "fetch"
+        loader = runner.train_dataloader
+        persistent = loader.num_workers > 0 and getattr(loader, "persistent_workers", False)
+        return "iter" if persistent else "epoch"
 
     def restore_if_due(self, epoch: int | None, iteration: int) -> None:
         """Set the pending state if the run stands where it was saved."""
