@@ -34,6 +34,7 @@ import importlib
 import os
 import pickle
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -124,30 +125,16 @@ def patch_mmengine_save() -> list[str]:
 
     Returns the names of the modules whose ``save_checkpoint`` is the atomic one.
     """
-    home = importlib.import_module("mmengine.runner.checkpoint")
-    original = getattr(home.save_checkpoint, "__wrapped__", home.save_checkpoint)
 
-    @functools.wraps(original)
-    def save_checkpoint(checkpoint: dict, filename: Any, file_client_args=None, backend_args=None):
-        if file_client_args is None and backend_args is None and _is_local(filename):
-            return atomic_save(checkpoint, filename)
-        return original(checkpoint, filename, file_client_args, backend_args)
+    def make(original: Callable) -> Callable:
+        def save_checkpoint(checkpoint, filename, file_client_args=None, backend_args=None):
+            if file_client_args is None and backend_args is None and _is_local(filename):
+                return atomic_save(checkpoint, filename)
+            return original(checkpoint, filename, file_client_args, backend_args)
 
-    save_checkpoint._mm_spectral_atomic = True  # type: ignore[attr-defined]
-    patched = []
-    for name in _SAVER_MODULES:
-        module = importlib.import_module(name)
-        if not getattr(module.save_checkpoint, "_mm_spectral_atomic", False):
-            module.save_checkpoint = save_checkpoint
-        patched.append(name)
-    for name, module in list(sys.modules.items()):  # strategies imported already
-        if (
-            name.startswith("mmengine._strategy")
-            and getattr(module, "save_checkpoint", None) is original
-        ):
-            module.save_checkpoint = save_checkpoint
-            patched.append(name)
-    return patched
+        return save_checkpoint
+
+    return _replace("save_checkpoint", _SAVER_MODULES, make)
 
 
 def _is_local(filename: Any) -> bool:
@@ -162,24 +149,38 @@ def patch_mmengine_adapter_loading() -> list[str]:
     """
     from .checkpoint import is_adapter_checkpoint, load_adapter_checkpoint
 
-    home = importlib.import_module("mmengine.runner.checkpoint")
-    original = getattr(
-        home._load_checkpoint_to_model, "__wrapped__", home._load_checkpoint_to_model
-    )
+    def make(original: Callable) -> Callable:
+        def _load_checkpoint_to_model(model, checkpoint, *args: Any, **kwargs: Any):
+            if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), str):
+                if is_adapter_checkpoint(checkpoint):
+                    load_adapter_checkpoint(model, checkpoint, source="the adapter-only checkpoint")
+                    return checkpoint
+            return original(model, checkpoint, *args, **kwargs)
 
-    @functools.wraps(original)
-    def _load_checkpoint_to_model(model, checkpoint, *args: Any, **kwargs: Any):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), str):
-            if is_adapter_checkpoint(checkpoint):
-                load_adapter_checkpoint(model, checkpoint, source="the adapter-only checkpoint")
-                return checkpoint
-        return original(model, checkpoint, *args, **kwargs)
+        return _load_checkpoint_to_model
 
-    _load_checkpoint_to_model._mm_spectral_adapters = True  # type: ignore[attr-defined]
+    return _replace("_load_checkpoint_to_model", _MODEL_LOADER_MODULES, make)
+
+
+def _replace(
+    attr: str, modules: tuple[str, ...], make: Callable[[Callable], Callable]
+) -> list[str]:
+    """Replace the function ``attr`` of ``mmengine.runner.checkpoint`` by ``make(original)``
+    in ``modules`` and in the already imported strategies that bind it (idempotent: the
+    replacement keeps the original as ``__wrapped__``). Returns the modules patched."""
+    current = getattr(importlib.import_module("mmengine.runner.checkpoint"), attr)
+    if getattr(current, "_mm_spectral", False):
+        original, replacement = current.__wrapped__, current
+    else:
+        original = current
+        replacement = functools.wraps(original)(make(original))
+        replacement._mm_spectral = True  # type: ignore[attr-defined]
     patched = []
-    for name in _MODEL_LOADER_MODULES:
-        module = importlib.import_module(name)
-        if not getattr(module._load_checkpoint_to_model, "_mm_spectral_adapters", False):
-            module._load_checkpoint_to_model = _load_checkpoint_to_model
+    for name in modules:
+        setattr(importlib.import_module(name), attr, replacement)
         patched.append(name)
+    for name, module in list(sys.modules.items()):  # FlexibleRunner strategies bind it too
+        if name.startswith("mmengine._strategy") and getattr(module, attr, None) is original:
+            setattr(module, attr, replacement)
+            patched.append(name)
     return patched
