@@ -34,6 +34,7 @@ from torch import nn  # noqa: E402
 
 import mm_spectral  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
+from mm_spectral.state import atomic_write_text  # noqa: E402
 from tools.compile_blocks import compile_modules  # noqa: E402
 
 CONVNEXT_TARGETS = [
@@ -469,8 +470,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         print("\n".join(amp_lines))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+        atomic_write_text(json.dumps([asdict(r) for r in results], indent=1), args.json)
 
 
 if __name__ == "__main__":

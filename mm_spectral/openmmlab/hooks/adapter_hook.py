@@ -18,7 +18,6 @@ from ...state import adapted_layers, atomic_save, is_adapter_key, merged_state_d
 from ..adapted_backbone import ADAPTER_CFG_ATTR, adapted_backbones
 from ..checkpoint import (
     META_KEY,
-    TRAINING_STATE_KEYS,
     CheckpointMismatch,
     adapter_checkpoint,
     check_adapter_records,
@@ -212,21 +211,20 @@ class AdapterHook(Hook):
         if not any(True for _ in adapted_layers(model)):
             return
         source = getattr(runner, "_load_from", None) or "the loaded checkpoint"
-        kind = checkpoint_kind(checkpoint)
-        if kind == "merged" and not self._training(runner):
-            require_unmerged(checkpoint, source)
-        if kind != "adapter-only":
-            if (
-                saved_records(checkpoint.get("meta") or {}) is not None
-                or kind is None
-                and any(is_adapter_key(k) for k in checkpoint.get("state_dict", {}))
-            ):
-                check_adapter_records(model, checkpoint.get("meta") or {}, source)
+        kind, meta = checkpoint_kind(checkpoint), checkpoint.get("meta") or {}
+        if kind == "merged":  # training on merged weights starts new adapters: fine
+            if not self._training(runner):
+                require_unmerged(checkpoint, source)
+            return
+        if kind != "adapter-only":  # a full checkpoint, adapted or a plain pretrained one
+            state = checkpoint.get("state_dict", {})
+            if saved_records(meta) is not None or any(is_adapter_key(k) for k in state):
+                check_adapter_records(model, meta, source)
             return
         if getattr(runner, "_resume", False):
-            missing = [k for k in TRAINING_STATE_KEYS[:2] if k not in checkpoint]
+            missing = [k for k in ("message_hub", "optimizer") if k not in checkpoint]
             if missing:
-                full = (checkpoint.get("meta") or {}).get("full_checkpoint", "the full checkpoint")
+                full = meta.get("full_checkpoint", "the full checkpoint")
                 raise CheckpointMismatch(
                     f"{source} holds no training state ({', '.join(missing)}): resume from "
                     f"{osp.join(osp.dirname(source), full)} instead"
