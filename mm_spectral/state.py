@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import socket
 import tempfile
 import warnings
 from collections import defaultdict
@@ -203,11 +204,17 @@ def _first_line(err: Exception) -> str:
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` for writing; on success flush, fsync and
     rename it to ``path``, else delete it: a kill or a full disk never leaves a truncated
-    file under the final name (a rename within one directory is atomic)."""
+    file under the final name (a rename within one directory is atomic).
+
+    A process killed mid-write (SIGKILL) cannot delete its temporary; the next write of
+    the same path removes such leftovers of dead processes of this host.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    prefix = _temporary_prefix(path)
+    _remove_stale_temporaries(directory, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from others
         with open(fd, mode) as handle:
@@ -219,6 +226,31 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _temporary_prefix(path: str) -> str:
+    """'.<name>.<host>.' : temporaries of ``path`` written on this host (then the pid)."""
+    return f".{os.path.basename(path)}.{socket.gethostname()}."
+
+
+def _remove_stale_temporaries(directory: str, prefix: str) -> None:
+    for name in os.listdir(directory):
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _umask() -> int:

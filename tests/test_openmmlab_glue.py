@@ -8,8 +8,6 @@ fixture); the tests then check what that run left behind and resume from it.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import logging
 import math
 import os
 import os.path as osp
@@ -22,22 +20,31 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 pytest.importorskip("mmengine")
 
 from mmengine.config import Config  # noqa: E402
-from mmengine.evaluator import BaseMetric  # noqa: E402
 from mmengine.logging import HistoryBuffer, MMLogger  # noqa: E402
-from mmengine.model import BaseModel, BaseModule  # noqa: E402
-from mmengine.registry import DATASETS, METRICS, MODELS, DefaultScope  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
+from mmengine.registry import MODELS, DefaultScope  # noqa: E402
+from openmmlab_toys import (  # noqa: E402
+    ADAPTED,
+    LORA,
+    Capture,
+    GlueToyBackbone,
+    GlueToyClassifier,
+    backbone_cfg,
+    load_tool,
+    randomize_adapters,
+    unique_name,
+    write_config,
+)
 
 import mm_spectral  # noqa: E402
 import mm_spectral.openmmlab  # noqa: E402,F401  (registers)
 from mm_spectral.delta_stats import amplification, delta_stats, top_singular_vectors  # noqa: E402
 from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
+    ADAPTER_TENSORS_KEY,
     adapter_checkpoint,
     load_adapter_checkpoint,
     merge_checkpoint,
@@ -45,115 +52,6 @@ from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
 )
 from mm_spectral.openmmlab.hooks import AdapterHook  # noqa: E402
 from mm_spectral.state import load_checkpoint_file, merged_state_dict  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-TARGETS = [r"stem", r"blocks\.[01]", r"fc"]
-ADAPTED = ["stem", "blocks.0", "blocks.1", "fc"]
-LORA = dict(type="LoRA", rank=2, alpha=4, targets=TARGETS)
-
-
-# ---------------------------------------------------------------- toy registered modules
-@MODELS.register_module(name="GlueToyBackbone", force=True)
-class GlueToyBackbone(BaseModule):
-    """Conv stem, BN (buffers), depthwise + pointwise convs, a Linear: (B,3,8,8) → (B,16)."""
-
-    def __init__(self, init_cfg=None, greedy: bool = False, with_cp: bool = False) -> None:
-        super().__init__(init_cfg)
-        self.greedy, self.with_cp = greedy, with_cp
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.norm = nn.BatchNorm2d(8)
-        self.blocks = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 16, 1))
-        self.fc = nn.Linear(16, 16)
-
-    def init_weights(self) -> None:
-        super().init_weights()
-        if self.greedy:  # a backbone whose init re-enables grads and re-draws everything
-            with torch.no_grad():
-                for param in self.parameters():
-                    param.requires_grad_(True)
-                    param.normal_()
-
-    def forward(self, x):
-        x = self.blocks(torch.relu(self.norm(self.stem(x))))
-        return self.fc(x.mean((2, 3)))
-
-
-@MODELS.register_module(name="GlueToyClassifier", force=True)
-class GlueToyClassifier(BaseModel):
-    def __init__(self, backbone: dict, num_classes: int = 3) -> None:
-        super().__init__()
-        self.backbone = MODELS.build(backbone)
-        self.head = nn.Linear(16, num_classes)
-
-    def forward(self, inputs, labels=None, mode="tensor"):
-        logits = self.head(torch.relu(self.backbone(inputs)))
-        if mode == "loss":
-            return {"loss": F.cross_entropy(logits, labels)}
-        if mode == "predict":
-            return [dict(pred=p, label=t) for p, t in zip(logits.argmax(1), labels)]
-        return logits
-
-
-@DATASETS.register_module(name="GlueToyDataset", force=True)
-class GlueToyDataset(Dataset):
-    metainfo = dict(classes=("a", "b", "c"))
-
-    def __init__(self, n: int = 16) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.labels = torch.arange(n) % 3
-        self.inputs = torch.randn(n, 3, 8, 8, generator=gen) + self.labels.view(-1, 1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict:
-        return dict(inputs=self.inputs[i], labels=self.labels[i])
-
-
-@METRICS.register_module(name="GlueToyAccuracy", force=True)
-class GlueToyAccuracy(BaseMetric):
-    def process(self, data_batch, data_samples) -> None:
-        self.results += [float(s["pred"] == s["label"]) for s in data_samples]
-
-    def compute_metrics(self, results) -> dict:
-        return dict(acc=sum(results) / len(results))
-
-
-def backbone_cfg(**kwargs) -> dict:
-    return dict(type="AdaptedBackbone", backbone=dict(type="GlueToyBackbone", **kwargs))
-
-
-def load_tool(name: str):
-    path = ROOT / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_tool_{osp.basename(name)}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class Capture(logging.Handler):
-    """Collects the messages of MMEngine's current logger."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def __enter__(self) -> Capture:
-        MMLogger.get_current_instance().addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        MMLogger.get_current_instance().removeHandler(self)
-
-
-def randomize_adapters(model: nn.Module) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".adapter." in f".{name}":
-                param.normal_(0, 0.3)
 
 
 # ---------------------------------------------------------------- AdaptedBackbone
@@ -395,46 +293,11 @@ def test_the_allowed_getattr_serves_history_buffers_only(tmp_path):
 
 
 # ---------------------------------------------------------------- a real Runner
-CONFIG = """
-model = dict(
-    type='GlueToyClassifier',
-    backbone=dict(
-        type='AdaptedBackbone',
-        backbone=dict(type='GlueToyBackbone',
-                      init_cfg=dict(type='Pretrained', checkpoint={pretrained!r})),
-        adapter=dict(type='LoRA', rank=2, alpha=4, targets={targets!r})))
-_data = dict(batch_size=4, num_workers=0, dataset=dict(type='GlueToyDataset', n=16),
-             sampler=dict(type='DefaultSampler', shuffle=False),
-             collate_fn=dict(type='default_collate'))
-train_dataloader = _data
-test_dataloader = _data
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=6)
-test_cfg = dict(type='TestLoop')
-test_evaluator = dict(type='GlueToyAccuracy')
-optim_wrapper = dict(constructor='AdapterOptimWrapperConstructor',
-                     optimizer=dict(type='SGD', lr=0.2))
-default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False),
-                     logger=dict(type='LoggerHook', interval=1))
-log_processor = dict(by_epoch=False)
-custom_hooks = [dict(type='AdapterHook', merge_at_end=True),
-                dict(type='DeltaStatsHook', interval=2)]
-env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
-randomness = dict(seed=0)
-"""
-
-
-def unique_name() -> str:
-    return f"experiment_name=glue_{uuid.uuid4().hex[:8]}"
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """tools/train.py on the toy config: 6 iterations, checkpoints at 3 and 6."""
     root = tmp_path_factory.mktemp("glue")
-    torch.manual_seed(1)
-    torch.save(GlueToyBackbone().state_dict(), root / "pretrained.pth")
-    config = root / "toy_lora.py"
-    config.write_text(CONFIG.format(pretrained=str(root / "pretrained.pth"), targets=TARGETS))
+    config = write_config(root)
     work = root / "work"
     argv = [str(config), "--work-dir", str(work), "--cfg-options", unique_name()]
     runner = load_tool("train").main(argv)
@@ -447,15 +310,25 @@ def test_runner_writes_full_and_adapter_checkpoints(trained):
         assert (work / f"iter_{step}.pth").is_file()
         assert (work / f"iter_{step}_adapter.pth").is_file()
     ckpt = load_checkpoint_file(str(work / "iter_6_adapter.pth"))
-    state = ckpt["state_dict"]
+    state = ckpt[ADAPTER_TENSORS_KEY]
     assert "backbone.stem.weight" not in state and "backbone.fc.weight" not in state
     assert {"head.weight", "backbone.norm.running_mean"} <= set(state)
-    assert ckpt["adapter_state_dict"] and set(ckpt["adapter_state_dict"]) <= set(state)
-    assert ckpt["meta"]["adapter_only"] and ckpt["meta"]["iter"] == 6
-    assert ckpt["meta"]["mm_spectral"]["backbone"]["adapted"] == ADAPTED
-    full = load_checkpoint_file(str(work / "iter_6.pth"))["state_dict"]
+    assert any(".adapter." in k for k in state)
+    assert isinstance(ckpt["state_dict"], str)  # not loadable as a full checkpoint
+    record = ckpt["meta"]["mm_spectral"]
+    assert record["kind"] == "adapter-only" and ckpt["meta"]["iter"] == 6
+    assert record["backbones"]["backbone"]["adapted"] == ADAPTED
+    assert record["backbones"]["backbone"]["adapter"]["alpha"] == 4
+    assert set(record["base_fingerprint"]) == {"backbone.stem.weight", "backbone.stem.bias",
+        "backbone.norm.weight", "backbone.norm.bias", "backbone.blocks.0.weight",
+        "backbone.blocks.0.bias", "backbone.blocks.1.weight", "backbone.blocks.1.bias",
+        "backbone.fc.weight", "backbone.fc.bias"}  # fmt: skip
+    assert {"message_hub", "optimizer", "rng_state"} <= set(ckpt)
+    full = load_checkpoint_file(str(work / "iter_6.pth"))
+    assert full["meta"]["mm_spectral"]["kind"] == "full"
+    assert full["meta"]["mm_spectral"]["backbones"] == record["backbones"]
     for key, value in state.items():
-        torch.testing.assert_close(value, full[key], rtol=0, atol=0)
+        torch.testing.assert_close(value, full["state_dict"][key], rtol=0, atol=0)
     (log,) = work.glob("*/*.log")
     text = log.read_text()
     assert f"{2 * len(ADAPTED)} adapter tensors are not in the checkpoint" in text
@@ -537,9 +410,9 @@ def test_adapter_checkpoint_round_trip_and_merged_state_dict():
     mm_spectral.remove_adapters(model)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(state[key], value)
-    bad = dict(ckpt, state_dict=dict(ckpt["state_dict"], nonsense=torch.zeros(1)))
+    tensors = dict(ckpt[ADAPTER_TENSORS_KEY], nonsense=torch.zeros(1))
     with pytest.raises(ValueError, match="nonsense"):
-        load_adapter_checkpoint(other, bad)
+        load_adapter_checkpoint(other, {**ckpt, ADAPTER_TENSORS_KEY: tensors})
 
 
 def test_plain_config_strips_nested_adapted_backbones():
@@ -613,14 +486,3 @@ def test_train_and_test_command_lines(trained, monkeypatch):
     cfg = test.build_cfg(args)
     assert (cfg.load_from, cfg.resume) == ("c.pth", False)
     assert [e["type"] for e in cfg.test_evaluator] == ["GlueToyAccuracy", "DumpResults"]
-
-
-def test_adapter_files_follow_max_keep_ckpts(tmp_path):
-    hook = AdapterHook()
-    for step in (1, 2):
-        (tmp_path / f"iter_{step}.pth").write_bytes(b"x")
-        (tmp_path / f"iter_{step}_adapter.pth").write_bytes(b"x")
-        hook._written.append(str(tmp_path / f"iter_{step}_adapter.pth"))
-    (tmp_path / "iter_1.pth").unlink()  # CheckpointHook's max_keep_ckpts at work
-    hook._drop_orphans()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_2.pth", "iter_2_adapter.pth"]

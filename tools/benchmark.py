@@ -35,6 +35,7 @@ from torch import nn  # noqa: E402
 
 import mm_spectral  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
+from mm_spectral.state import atomic_write_text  # noqa: E402
 from tools import peers  # noqa: E402
 from tools.compile_blocks import compile_modules  # noqa: E402
 
@@ -526,8 +527,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|")
         print("\n".join(peer_lines))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+        atomic_write_text(json.dumps([asdict(r) for r in results], indent=1), args.json)
 
 
 if __name__ == "__main__":

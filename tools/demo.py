@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mm_spectral.openmmlab import merge_checkpoint, plain_config  # noqa: E402
+from mm_spectral.openmmlab import plain_config  # noqa: E402
+from mm_spectral.openmmlab.checkpoint import merge_to_files  # noqa: E402
 from tools.data.synthetic_shapes import make_shapes_coco  # noqa: E402
 
 DEMO_CONFIG = "configs/demo/mask-rcnn_r18-flora_fpn_1xb8-shapes.py"
@@ -104,12 +105,15 @@ def main() -> None:
     adapted = runner.test()
     checkpoint = osp.join(cfg.work_dir, f"epoch_{cfg.train_cfg.max_epochs}.pth")
 
-    state, plain_cfg = merge_checkpoint(cfg, checkpoint)
     merged_dir = osp.join(args.work_dir, "merged")
-    os.makedirs(merged_dir, exist_ok=True)
     merged_ckpt = osp.join(merged_dir, "merged.pth")
-    torch.save(dict(state_dict=state, meta=dict(merged_from=checkpoint)), merged_ckpt)
-    plain_cfg.dump(osp.join(merged_dir, "merged_config.py"))
+    _, plain_cfg = merge_to_files(
+        cfg,
+        checkpoint,
+        merged_ckpt,
+        osp.join(merged_dir, "merged_config.py"),
+        merged_from=checkpoint,
+    )
     plain_cfg.work_dir, plain_cfg.experiment_name = merged_dir, "merged"
     plain_cfg.load_from, plain_cfg.resume = merged_ckpt, False
     merged = Runner.from_cfg(plain_cfg).test()

@@ -4,14 +4,19 @@
 
 CHECKPOINT is a full training checkpoint (epoch_12.pth) or an adapter-only one
 (epoch_12_adapter.pth: the base weights then come from the config's pretrained init_cfg).
-Writes DIR/merged.pth (MMEngine format) and DIR/<config>_merged.py, which stock OpenMMLab
-inference (mmdet DetInferencer, mmseg MMSegInferencer, tools/test.py) runs at no extra cost.
+Writes DIR/merged.pth (MMEngine format; its meta['cfg'] is the adapter-free config, so an
+inferencer given only the weights builds the plain model) and DIR/<config>_merged.py,
+which stock OpenMMLab inference (mmdet DetInferencer, mmseg MMSegInferencer,
+tools/test.py) runs at no extra cost, without mm_spectral when the config uses nothing of it.
+
+Writes nothing and exits with status 1 when there is nothing to merge (a config without
+adapters, a merged checkpoint) or the checkpoint does not fit the config (adapter
+hyper-parameters, or an adapter-only file trained on another base: --allow-other-base).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import os.path as osp
 import sys
 
@@ -19,8 +24,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from mm_spectral.openmmlab.checkpoint import merge_checkpoint  # noqa: E402
-from mm_spectral.state import atomic_save, atomic_write_text, load_checkpoint_file  # noqa: E402
+from mm_spectral.openmmlab.checkpoint import CheckpointMismatch, merge_to_files  # noqa: E402
+from mm_spectral.state import load_checkpoint_file  # noqa: E402
 
 INFERENCERS = {
     "mmdet": "from mmdet.apis import DetInferencer\n"
@@ -38,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("checkpoint", help="full or adapter-only checkpoint")
     parser.add_argument("--out-dir", required=True, help="where merged.pth and the config go")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction)
+    parser.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="merge an adapter-only checkpoint onto base weights other than its own (warns)",
+    )
     return parser.parse_args(argv)
 
 
@@ -46,16 +56,23 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-    ckpt = load_checkpoint_file(args.checkpoint, mmap=True)
-    state, plain_cfg = merge_checkpoint(cfg, ckpt)
-    meta = {k: v for k, v in ckpt.get("meta", {}).items() if k != "adapter_only"}
-    meta.update(merged_from=osp.abspath(args.checkpoint), adapter_config=osp.abspath(args.config))
-    os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = osp.join(args.out_dir, "merged.pth")
-    atomic_save(dict(state_dict=state, meta=meta), ckpt_path)
     name = osp.splitext(osp.basename(args.config))[0]
     cfg_path = osp.join(args.out_dir, f"{name}_merged.py")
-    atomic_write_text(plain_cfg.pretty_text, cfg_path)
+    try:
+        ckpt = load_checkpoint_file(args.checkpoint, mmap=True)
+        state, _ = merge_to_files(
+            cfg,
+            ckpt,
+            ckpt_path,
+            cfg_path,
+            allow_other_base=args.allow_other_base,
+            source=args.checkpoint,
+            merged_from=osp.abspath(args.checkpoint),
+            adapter_config=osp.abspath(args.config),
+        )
+    except CheckpointMismatch as err:
+        raise SystemExit(f"error: {err} (nothing written)") from None
     print(f"merged checkpoint ({len(state)} tensors, plain keys): {ckpt_path}")
     print(f"adapter-free config: {cfg_path}")
     print("stock inference, no adapter code in the loop:")

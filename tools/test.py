@@ -1,10 +1,14 @@
 """Evaluate a checkpoint with an mmdet, mmseg or mmrotate config.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--show-dir DIR] [--out FILE]
+        [--allow-other-base]
     bash tools/dist_test.sh CONFIG CHECKPOINT NUM_GPUS [same options]
 
 CHECKPOINT may be a full checkpoint (adapted or merged: give the matching config) or an
 adapter-only one (``*_adapter.pth``: the base weights come from the pretrained init_cfg).
+A checkpoint whose adapters were trained with other hyper-parameters than the config's,
+a merged checkpoint under an adapted config, or an adapter-only file trained on another
+base are refused (exit status 1, a message naming what differs).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from mmengine.runner import Runner  # noqa: E402
 
 from mm_spectral.openmmlab import init_toolbox  # noqa: E402  (registers; fixes torch.load)
 from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
+    CheckpointMismatch,
+    check_adapter_records,
     is_adapter_checkpoint,
     load_adapter_checkpoint,
-    require_pretrained_base,
+    require_unmerged,
 )
-from mm_spectral.state import load_checkpoint_file  # noqa: E402
+from mm_spectral.state import adapted_layers, load_checkpoint_file  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", help="where to save the evaluation metrics")
     parser.add_argument("--show-dir", help="save painted predictions into this directory")
     parser.add_argument("--out", help="dump the predictions to this pickle file")
+    parser.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="apply an adapter-only checkpoint to base weights other than its own (warns)",
+    )
     parser.add_argument(
         "--cfg-options",
         nargs="+",
@@ -69,11 +80,12 @@ def enable_visualization(cfg: Config, show_dir: str) -> None:
 
 
 def peek_checkpoint(path: str) -> dict | None:
-    """The checkpoint if it is an adapter-only one, else None (memory-mapped peek)."""
-    if not osp.isfile(path):  # a URL or another backend: MMEngine's loaders handle it
+    """The checkpoint, memory-mapped (None for a URL or another backend: MMEngine's
+    loaders handle those)."""
+    if not osp.isfile(path):
         return None
     ckpt = load_checkpoint_file(path, mmap=True)
-    return ckpt if isinstance(ckpt, dict) and is_adapter_checkpoint(ckpt) else None
+    return ckpt if isinstance(ckpt, dict) else None
 
 
 def build_cfg(args: argparse.Namespace) -> Config:
@@ -99,20 +111,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = build_cfg(args)
     init_toolbox(cfg.get("default_scope"))
-    adapter_ckpt = peek_checkpoint(args.checkpoint)
-    if adapter_ckpt is not None:
+    ckpt = peek_checkpoint(args.checkpoint)
+    adapter_only = ckpt is not None and is_adapter_checkpoint(ckpt)
+    if adapter_only:
         cfg.load_from = None  # loaded below, over the pretrained base weights
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
-    if adapter_ckpt is not None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        require_pretrained_base(model)
-        model.init_weights()
-        load_adapter_checkpoint(model, adapter_ckpt)
-        runner.logger.info(
-            f"adapter-only checkpoint loaded over the pretrained weights: {args.checkpoint}"
-        )
-    metrics = runner.test()
-    return metrics
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    try:
+        if adapter_only:
+            load_adapter_checkpoint(model, ckpt, args.allow_other_base, args.checkpoint)
+            runner.logger.info(
+                f"adapter-only checkpoint loaded over the pretrained weights: {args.checkpoint}"
+            )
+        elif ckpt is not None and any(True for _ in adapted_layers(model)):
+            require_unmerged(ckpt, args.checkpoint)
+            check_adapter_records(model, ckpt.get("meta") or {}, args.checkpoint)
+        return runner.test()
+    except CheckpointMismatch as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

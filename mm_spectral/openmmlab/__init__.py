@@ -2,16 +2,20 @@
 ``custom_imports=dict(imports=['mm_spectral.openmmlab'], allow_failed_imports=False)``.
 
 Importing it applies the torch ≥ 2.6 checkpoint-loading fix for mmengine
-(:func:`.compat.patch_mmengine_torch_load`) and registers, in MMEngine's root registries
+(:func:`.compat.patch_mmengine_torch_load`), makes its checkpoint saving atomic
+(:func:`.compat.patch_mmengine_save`), lets its checkpoint loader take adapter-only files
+(:func:`.compat.patch_mmengine_adapter_loading`) and registers, in MMEngine's root registries
 (which mmdet's, mmseg's and mmrotate's fall back to, so one import serves all three):
 the backbones, ``AdaptedBackbone``, the hooks and ``AdapterOptimWrapperConstructor``.
 """
 
 from __future__ import annotations
 
-from .compat import patch_mmengine_torch_load
+from .compat import patch_mmengine_adapter_loading, patch_mmengine_save, patch_mmengine_torch_load
 
 patch_mmengine_torch_load()
+patch_mmengine_save()
+patch_mmengine_adapter_loading()
 
 from . import backbones, hooks, optim  # noqa: E402,F401  (registration)
 from .adapted_backbone import AdaptedBackbone, adapted_backbones  # noqa: E402

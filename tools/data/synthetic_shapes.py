@@ -20,6 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mm_spectral.state import atomic_write_text
+
 from .dota_patches import DotaObject, polygon_area, write_dota_ann
 
 SHAPES_CLASSES = ("square", "circle", "triangle")
@@ -244,9 +246,8 @@ def make_shapes_coco(
                     }
                 )
         ann_file = root / "annotations" / f"instances_{split}.json"
-        ann_file.parent.mkdir(parents=True, exist_ok=True)
         coco = {"images": images, "annotations": annotations, "categories": categories}
-        ann_file.write_text(json.dumps(coco))
+        atomic_write_text(json.dumps(coco), ann_file)  # its presence means "generated"
         out[split] = ann_file
     return out
 

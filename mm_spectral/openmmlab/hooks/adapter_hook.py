@@ -14,13 +14,30 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 from ...report import trainable_report
-from ...state import atomic_save, is_adapter_key, merged_state_dict
+from ...state import adapted_layers, atomic_save, is_adapter_key, merged_state_dict
 from ..adapted_backbone import ADAPTER_CFG_ATTR, adapted_backbones
-from ..checkpoint import plain_config, save_adapter_checkpoint
+from ..checkpoint import (
+    META_KEY,
+    CheckpointMismatch,
+    adapter_checkpoint,
+    check_adapter_records,
+    checkpoint_kind,
+    describe,
+    frozen_fingerprint,
+    load_adapter_checkpoint,
+    merged_meta,
+    plain_config,
+    require_unmerged,
+    save_merged,
+    saved_records,
+)
 from ..log_filters import AdapterKeySummary
 from .base import unwrap
 
 ADAPTER_SUFFIX = "_adapter"
+WRITTEN_INFO = "mm_spectral_adapter_ckpts"
+"""Message-hub entry listing the adapter files written so far; checkpoints carry it, so a
+resumed run still removes the old ones when their full checkpoint goes."""
 
 
 def adapter_checkpoint_path(full_path: str) -> str:
@@ -29,26 +46,41 @@ def adapter_checkpoint_path(full_path: str) -> str:
     return f"{root}{ADAPTER_SUFFIX}{ext or '.pth'}"
 
 
+def full_checkpoint_path(adapter_path: str) -> str:
+    """``epoch_3_adapter.pth`` → ``epoch_3.pth``."""
+    root, ext = osp.splitext(adapter_path)
+    return root.removesuffix(ADAPTER_SUFFIX) + ext
+
+
 @HOOKS.register_module()
 class AdapterHook(Hook):
     """Guards what trains, logs the trainable table, keeps adapter-only checkpoints.
 
     Before training it raises if a backbone parameter requires grad without being an
     adapter, a ``trainable`` match of its AdaptedBackbone, or an ``allowed`` match
-    (necks and heads, outside the adapted backbones, always train). Beside every
-    checkpoint CheckpointHook writes (``epoch_3.pth``, ``best_*.pth``) it writes
-    ``epoch_3_adapter.pth`` (see :func:`mm_spectral.openmmlab.checkpoint.adapter_checkpoint`), and
-    removes it again when CheckpointHook's ``max_keep_ckpts`` removes the full one.
+    (necks and heads, outside the adapted backbones, always train).
+
+    Checkpoints: every checkpoint the Runner saves records the adapters
+    (``meta['mm_spectral']``); beside each (``epoch_3.pth``, ``best_*.pth``) it writes
+    ``epoch_3_adapter.pth`` (:func:`~mm_spectral.openmmlab.checkpoint.adapter_checkpoint`,
+    with the training state, so ``--resume`` accepts it), and removes it again when
+    CheckpointHook's ``max_keep_ckpts`` removes the full one, across resumes too. When
+    the Runner loads an adapter-only file (``load_from``, ``resume``, stock
+    ``tools/test.py``) it checks and loads it over the Pretrained base; a full checkpoint
+    of other adapters is refused.
 
     Args:
         merge_at_end: after training, also save ``merged.pth`` (every ΔW folded in, plain
-            keys) and ``merged_config.py`` (the adapter-free config) in the work dir.
+            keys, the adapter-free config in its meta) and ``merged_config.py`` in the
+            work dir.
         save_adapter_only: write the adapter-only checkpoints.
         allowed: extra regexes over full model parameter names (e.g.
             ``'backbone\\.norm.*'``) that may train.
+        allow_other_base: load adapter-only files even onto base weights other than
+            those they were trained on (a warning instead of an error).
     """
 
-    priority = "LOWEST"  # after CheckpointHook (VERY_LOW): the file it names exists
+    priority = "LOWEST"
     needs_adapters = True
 
     def __init__(
@@ -56,13 +88,15 @@ class AdapterHook(Hook):
         merge_at_end: bool = False,
         save_adapter_only: bool = True,
         allowed: Sequence[str] = (),
+        allow_other_base: bool = False,
     ) -> None:
         self.merge_at_end = merge_at_end
         self.save_adapter_only = save_adapter_only
         self.allowed = [re.compile(p) for p in ([allowed] if isinstance(allowed, str) else allowed)]
-        self._seen: dict[str, str] = {}  # message-hub key → checkpoint path handled
-        self._written: list[str] = []
+        self.allow_other_base = allow_other_base
+        self._paths: dict[str, str] = {}  # message-hub checkpoint entries at the last save
         self._meta: dict = {}
+        self._fingerprint: dict | None = None  # the frozen weights do not change
         self._key_summary = AdapterKeySummary()
 
     # -- readable logs ---------------------------------------------------------------------
@@ -108,21 +142,34 @@ class AdapterHook(Hook):
                 f"neither adapters nor allowed by `trainable` / `allowed`:\n  {shown}{more}"
             )
         runner.logger.info("trainable parameters:\n" + trainable_report(model))
-        # Paths already in the message hub (restored by a resume) were handled before.
-        self._seen = self._ckpt_infos(runner)
+        self._paths = self._ckpt_infos(runner)  # restored by a resume: saved before
 
-    # -- adapter-only checkpoints ----------------------------------------------------------
+    # -- saving ----------------------------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        self._meta = dict(checkpoint.get("meta", {}))  # dataset_meta, cfg, seed, …
-
-    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        self._save_new_checkpoints(runner)
-
-    def after_train_epoch(self, runner) -> None:
-        self._save_new_checkpoints(runner)
-
-    def after_val_epoch(self, runner, metrics=None) -> None:
-        self._save_new_checkpoints(runner)  # best_*.pth
+        """Record the adapters in the checkpoint; write its adapter-only twin."""
+        model = unwrap(runner.model)
+        meta = checkpoint.setdefault("meta", {})
+        meta[META_KEY] = describe(model, "full")
+        self._meta = dict(meta)  # dataset_meta, seed, … for merge_at_end
+        path = self._target(runner)
+        if not self.save_adapter_only or not is_main_process() or path is None:
+            return
+        if not osp.isdir(osp.dirname(path) or "."):
+            runner.logger.warning(f"AdapterHook: {path} is not a local file; no adapter file")
+            return
+        target = adapter_checkpoint_path(path)
+        written = self._drop_orphans(runner, osp.dirname(target))
+        written = [*(p for p in written if p != target), target]
+        runner.message_hub.update_info(WRITTEN_INFO, written)
+        if isinstance(checkpoint.get("message_hub"), dict):
+            checkpoint["message_hub"].setdefault("runtime_info", {})[WRITTEN_INFO] = written
+        if self._fingerprint is None:
+            self._fingerprint = frozen_fingerprint(model)
+        adapter_meta = dict(meta, full_checkpoint=osp.basename(path))
+        ckpt = adapter_checkpoint(
+            model, adapter_meta, checkpoint["state_dict"], checkpoint, self._fingerprint
+        )
+        atomic_save(ckpt, target)
 
     @staticmethod
     def _ckpt_infos(runner) -> dict[str, str]:
@@ -133,50 +180,80 @@ class AdapterHook(Hook):
             if (k == "last_ckpt" or k.startswith("best_ckpt")) and isinstance(v, str)
         }
 
-    def _save_new_checkpoints(self, runner) -> None:
-        if not self.save_adapter_only or not is_main_process():
-            return
-        for key, path in self._ckpt_infos(runner).items():
-            if self._seen.get(key) == path or not osp.isfile(path):
-                continue
-            self._seen[key] = path
-            model = unwrap(runner.model)
-            meta = dict(
-                self._meta,  # from the full checkpoint: epoch, iter, cfg, dataset_meta, …
-                full_checkpoint=osp.basename(path),
-                mm_spectral={
-                    prefix: getattr(b, ADAPTER_CFG_ATTR)
-                    for prefix, b in adapted_backbones(model).items()
-                },
-            )
-            target = adapter_checkpoint_path(path)
-            save_adapter_checkpoint(model, target, meta)
-            if target not in self._written:
-                self._written.append(target)
-        self._drop_orphans()
+    def _target(self, runner) -> str | None:
+        """The file being saved: CheckpointHook names it in the message hub just before
+        saving; no new name means it saves the last checkpoint again (after a new best)."""
+        now = self._ckpt_infos(runner)
+        changed = [path for key, path in now.items() if self._paths.get(key) != path]
+        self._paths = now
+        return changed[-1] if changed else now.get("last_ckpt")
 
-    def _drop_orphans(self) -> None:
-        """Remove adapter files whose full checkpoint CheckpointHook has removed."""
-        for path in list(self._written):
-            full = path[: -len(ADAPTER_SUFFIX + osp.splitext(path)[1])] + osp.splitext(path)[1]
-            if not osp.exists(full):
-                if osp.exists(path):
-                    os.remove(path)
-                self._written.remove(path)
+    @staticmethod
+    def _drop_orphans(runner, directory: str) -> list[str]:
+        """Remove adapter files in ``directory`` whose full checkpoint CheckpointHook has
+        removed; return the files still kept."""
+        kept = []
+        for path in runner.message_hub.runtime_info.get(WRITTEN_INFO) or []:
+            if not osp.exists(path):
+                continue
+            if osp.dirname(path) == directory and not osp.exists(full_checkpoint_path(path)):
+                os.remove(path)
+                runner.logger.info(f"AdapterHook: removed {path} with its full checkpoint")
+            else:
+                kept.append(path)
+        return kept
+
+    # -- loading ---------------------------------------------------------------------------
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Check what the Runner loads against the model's adapters; load adapter-only files
+        over the Pretrained base (the Runner's loader then finds every key)."""
+        model = unwrap(runner.model)
+        if not any(True for _ in adapted_layers(model)):
+            return
+        source = getattr(runner, "_load_from", None) or "the loaded checkpoint"
+        kind, meta = checkpoint_kind(checkpoint), checkpoint.get("meta") or {}
+        if kind == "merged":  # training on merged weights starts new adapters: fine
+            if not self._training(runner):
+                require_unmerged(checkpoint, source)
+            return
+        if kind != "adapter-only":  # a full checkpoint, adapted or a plain pretrained one
+            state = checkpoint.get("state_dict", {})
+            if saved_records(meta) is not None or any(is_adapter_key(k) for k in state):
+                check_adapter_records(model, meta, source)
+            return
+        if getattr(runner, "_resume", False):
+            missing = [k for k in ("message_hub", "optimizer") if k not in checkpoint]
+            if missing:
+                full = meta.get("full_checkpoint", "the full checkpoint")
+                raise CheckpointMismatch(
+                    f"{source} holds no training state ({', '.join(missing)}): resume from "
+                    f"{osp.join(osp.dirname(source), full)} instead"
+                )
+        load_adapter_checkpoint(model, checkpoint, self.allow_other_base, source)
+        checkpoint["state_dict"] = model.state_dict()
+        runner.logger.info(f"adapter-only checkpoint loaded over the base weights: {source}")
+
+    @staticmethod
+    def _training(runner) -> bool:
+        loop = getattr(runner, "_train_loop", None)
+        return loop is not None and not isinstance(loop, dict)
 
     # -- merging at the end ----------------------------------------------------------------
     @torch.no_grad()
     def after_train(self, runner) -> None:
-        self._save_new_checkpoints(runner)
         if not self.merge_at_end or not is_main_process():
             return
-        state = merged_state_dict(unwrap(runner.model))  # the model itself stays adapted
+        model = unwrap(runner.model)
+        state = merged_state_dict(model)  # the model itself stays adapted
+        has_cfg = runner.cfg.get("model") is not None
+        plain = plain_config(runner.cfg) if has_cfg else None
+        meta = dict(self._meta, epoch=runner.epoch, iter=runner.iter)
+        meta[META_KEY] = describe(model, "full")
+        meta = merged_meta(meta, plain, merged_from="AdapterHook(merge_at_end=True)")
         path = osp.join(runner.work_dir, "merged.pth")
-        meta = dict(self._meta, epoch=runner.epoch, iter=runner.iter, merged=True)
-        atomic_save(dict(state_dict=state, meta=meta), path)
+        cfg_path = osp.join(runner.work_dir, "merged_config.py") if has_cfg else None
+        save_merged(state, plain, meta, path, cfg_path)
         message = f"AdapterHook: merged checkpoint (adapters folded in, plain keys): {path}"
-        if runner.cfg.get("model") is not None:
-            cfg_path = osp.join(runner.work_dir, "merged_config.py")
-            plain_config(runner.cfg).dump(cfg_path)
+        if cfg_path:
             message += f", adapter-free config: {cfg_path}"
         runner.logger.info(message)
