@@ -42,7 +42,7 @@ def adapter_hyper_parameters(cfg: Mapping[str, Any] | None) -> dict[str, Any] | 
     of ΔW) is left out."""
     if cfg is None:
         return None
-    params = {k: _plain(v) for k, v in cfg.items() if k != "trainable"}
+    params = {k: plain_types(v) for k, v in cfg.items() if k != "trainable"}
     method = ADAPTERS.get(params.get("type"))
     if method is not None:
         for name, param in inspect.signature(method.__init__).parameters.items():
@@ -78,12 +78,13 @@ def record_problems(saved: Mapping[str, Any], current: Mapping[str, Any], where:
     return problems
 
 
-def _plain(value: Any) -> Any:
-    """Tuples → lists, recursively (a record read back from a file has lists)."""
+def plain_types(value: Any) -> Any:
+    """Mappings → dicts, tuples → lists, recursively: what a record read back from a file
+    holds, so records compare equal before and after a save."""
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_types(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_types(v) for v in value]
     return value
 
 

@@ -26,6 +26,7 @@ pytest.importorskip("mmengine")
 
 from mmengine.config import Config  # noqa: E402
 from mmengine.logging import HistoryBuffer, MMLogger  # noqa: E402
+from mmengine.model import BaseModule  # noqa: E402
 from mmengine.registry import MODELS, DefaultScope  # noqa: E402
 from openmmlab_toys import (  # noqa: E402
     ADAPTED,
@@ -99,6 +100,55 @@ def test_cuda_graph_option_wraps_the_forward_and_refuses_checkpointing():
     assert "forward" not in MODELS.build(dict(backbone_cfg(), adapter=LORA)).__dict__
     with pytest.raises(ValueError, match="with_cp"):
         MODELS.build(dict(backbone_cfg(with_cp=True), adapter=LORA, cuda_graph=True))
+
+
+@MODELS.register_module(name="TwinLinearToy", force=True)
+class TwinLinearToy(BaseModule):
+    """Two same-shape linears: one shape group for batched spectra."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("method", ["FourierFT", "FoRA"])
+def test_batched_spectra_option_builds_once_per_shape_with_equal_values_and_grads(
+    method, monkeypatch
+):
+    """AdaptedBackbone(batched_spectra=True): one inverse FFT per shape group, same numbers."""
+    cfg = dict(type=method, n=12, seed=3, targets=["a", "b"])
+    calls = []
+    irfft2 = torch.fft.irfft2
+    monkeypatch.setattr(torch.fft, "irfft2", lambda *a, **k: calls.append(1) or irfft2(*a, **k))
+    results = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        model = MODELS.build(dict(type="AdaptedBackbone", backbone=dict(type="TwinLinearToy"),
+                                  adapter=cfg, batched_spectra=batched))  # fmt: skip
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".adapter." in name:
+                    param.normal_(0, 0.1)
+        calls.clear()
+        loss = model(torch.randn(3, 16)).square().sum()
+        results.append((len(calls), loss.detach()))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[-1] += (grads,)
+        assert model.mm_spectral_cfg["batched_spectra"] is batched
+    (calls_plain, loss_plain, grads_plain), (calls_batched, loss_batched, grads_batched) = results
+    per_layer = 2 if method == "FourierFT" else 4  # FoRA: two factors per layer
+    assert (calls_plain, calls_batched) == (per_layer, per_layer // 2)
+    torch.testing.assert_close(loss_plain, loss_batched)
+    assert grads_plain.keys() == grads_batched.keys() and grads_plain
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grad, grads_batched[name], msg=name)
+    with pytest.raises(ValueError, match="batched_spectra"):
+        MODELS.build(dict(type="AdaptedBackbone", backbone=dict(type="TwinLinearToy"),
+                          adapter=cfg, batched_spectra=True, cuda_graph=True))  # fmt: skip
 
 
 def test_init_weights_keeps_grads_adapters_and_summarises_missing_keys(tmp_path):

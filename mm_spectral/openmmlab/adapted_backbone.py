@@ -9,14 +9,15 @@ the real names, and a merged checkpoint loads into the adapter-free config as it
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from mmengine.registry import MODELS, Registry
 from torch import nn
 
+from ..adapters.batched_spectra import enable_batched_spectra
 from ..cuda_graph import enable_cuda_graph
 from ..inject import cast_frozen, freeze, inject
+from ..provenance import plain_types
 from .init_guard import GuardedInitWeights
 
 ADAPTER_CFG_ATTR = "mm_spectral_cfg"
@@ -28,6 +29,7 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
     trainable: list[str] | None = None,
     frozen_dtype: str | None = None,
     cuda_graph: bool | dict = False,
+    batched_spectra: bool = False,
 ) -> nn.Module:
     """Build ``backbone``, inject ``adapter`` (targets: regexes over its module names).
 
@@ -44,6 +46,10 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
             backbone's training forward and backward as CUDA graphs whenever its input
             shape repeats (fixed-size crops): removes the host's per-op cost of the
             adapters. Not with ``with_cp``; other shapes, eval and CPU run eagerly.
+        batched_spectra: build the ΔW / factors of all same-shape FourierFT and FoRA
+            layers with one FFT per forward (:func:`mm_spectral.enable_batched_spectra`)
+            instead of one per layer: fewer host ops for eager training with variable input
+            sizes (detection). Not with ``cuda_graph`` (the graph replays its own builds).
 
     Returns:
         The inner backbone itself, with ``mm_spectral_cfg`` recording what was done.
@@ -57,16 +63,24 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
         freeze(inner, trainable)
     if frozen_dtype is not None:
         cast_frozen(inner, getattr(torch, frozen_dtype))
+    if batched_spectra:
+        if cuda_graph:
+            raise ValueError(
+                "batched_spectra=True builds spectra before the forward, outside a captured "
+                "CUDA graph; use one of batched_spectra and cuda_graph"
+            )
+        enable_batched_spectra(inner)
     if cuda_graph:
         if getattr(inner, "with_cp", False):
             raise ValueError("cuda_graph=True cannot capture activation checkpointing (with_cp)")
         enable_cuda_graph(inner, **(cuda_graph if isinstance(cuda_graph, dict) else {}))
     record = dict(
-        adapter=_plain(adapter),
+        adapter=plain_types(adapter),
         trainable=trainable,
         adapted=adapted,
         frozen_dtype=frozen_dtype,
         cuda_graph=bool(cuda_graph),
+        batched_spectra=batched_spectra,
     )
     setattr(inner, ADAPTER_CFG_ATTR, record)
     if hasattr(type(inner), "init_weights"):
@@ -96,15 +110,6 @@ def _descendants(registry: Registry) -> Iterator[tuple[str, Registry]]:
     for scope, child in registry.children.items():
         yield scope, child
         yield from _descendants(child)
-
-
-def _plain(cfg: Any) -> Any:
-    """ConfigDicts → dicts (the record is saved in checkpoint metas)."""
-    if isinstance(cfg, dict):
-        return {k: _plain(v) for k, v in cfg.items()}
-    if isinstance(cfg, (list, tuple)):
-        return [_plain(v) for v in cfg]
-    return cfg
 
 
 def adapted_backbones(model: nn.Module) -> dict[str, nn.Module]:
