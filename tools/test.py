@@ -27,6 +27,7 @@ from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
     load_adapter_checkpoint,
     require_pretrained_base,
 )
+from mm_spectral.openmmlab.distributed import configure_distributed  # noqa: E402
 from mm_spectral.state import load_checkpoint_file  # noqa: E402
 
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = build_cfg(args)
     init_toolbox(cfg.get("default_scope"))
+    configure_distributed(cfg)  # gloo on CPU: MM_SPECTRAL_DIST_BACKEND=gloo
     adapter_ckpt = peek_checkpoint(args.checkpoint)
     if adapter_ckpt is not None:
         cfg.load_from = None  # loaded below, over the pretrained base weights

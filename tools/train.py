@@ -20,6 +20,7 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 from mm_spectral.openmmlab import init_toolbox  # noqa: E402  (registers; fixes torch.load)
+from mm_spectral.openmmlab.distributed import configure_distributed  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> Runner:
     args = parse_args(argv)
     cfg = build_cfg(args)
     init_toolbox(cfg.get("default_scope"))
+    configure_distributed(cfg)  # gloo on CPU: MM_SPECTRAL_DIST_BACKEND=gloo
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     runner.train()
     return runner

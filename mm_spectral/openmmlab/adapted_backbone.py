@@ -16,6 +16,7 @@ from mmengine.registry import MODELS, Registry
 from torch import nn
 
 from ..cuda_graph import enable_cuda_graph
+from ..distributed import clean_name
 from ..inject import cast_frozen, freeze, inject
 from .init_guard import GuardedInitWeights
 
@@ -108,7 +109,10 @@ def _plain(cfg: Any) -> Any:
 
 
 def adapted_backbones(model: nn.Module) -> dict[str, nn.Module]:
-    """{prefix: module} for every module built by AdaptedBackbone inside ``model``."""
+    """{prefix: module} for every module built by AdaptedBackbone inside ``model`` (prefixes
+    as in the unwrapped model, also under FSDP)."""
     return {
-        name: module for name, module in model.named_modules() if hasattr(module, ADAPTER_CFG_ATTR)
+        clean_name(name): module
+        for name, module in model.named_modules()
+        if hasattr(module, ADAPTER_CFG_ATTR)
     }

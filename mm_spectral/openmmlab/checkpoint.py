@@ -19,8 +19,8 @@ from typing import Any
 from mmengine.registry import HOOKS
 from torch import Tensor, nn
 
+from ..distributed import clean_name, is_sharded_checkpoint, read_sharded_checkpoint
 from ..state import (
-    adapter_state_dict,
     atomic_save,
     is_adapter_key,
     load_adapter_state_dict,
@@ -39,27 +39,40 @@ def frozen_backbone_keys(model: nn.Module) -> set[str]:
     for prefix, backbone in adapted_backbones(model).items():
         head = f"{prefix}." if prefix else ""
         keys |= {
-            head + n
+            clean_name(head + n)
             for n, p in backbone.named_parameters()
             if not p.requires_grad and not is_adapter_key(n)
         }
     return keys
 
 
-def adapter_checkpoint(model: nn.Module, meta: Mapping[str, Any] | None = None) -> dict:
-    """{'adapter_state_dict', 'state_dict' (all but frozen backbone weights), 'meta'}."""
+def adapter_checkpoint(
+    model: nn.Module,
+    meta: Mapping[str, Any] | None = None,
+    state: Mapping[str, Tensor] | None = None,
+) -> dict:
+    """{'adapter_state_dict', 'state_dict' (all but frozen backbone weights), 'meta'}.
+
+    ``state``: those tensors already gathered (a sharded model's, see
+    :func:`mm_spectral.openmmlab.distributed.trainable_state`); else read from ``model``.
+    """
     frozen = frozen_backbone_keys(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
-    adapters = {k: state[k] for k in adapter_state_dict(model)}  # same tensors: stored once
+    if state is None:
+        state = model.state_dict()
+    state = {k: v.detach().cpu() for k, v in state.items() if k not in frozen}
+    adapters = {k: v for k, v in state.items() if is_adapter_key(k)}  # same tensors: once
     meta = dict(meta or {}, adapter_only=True)
     return {ADAPTER_STATE_KEY: adapters, "state_dict": state, "meta": meta}
 
 
 def save_adapter_checkpoint(
-    model: nn.Module, path: str, meta: Mapping[str, Any] | None = None
+    model: nn.Module,
+    path: str,
+    meta: Mapping[str, Any] | None = None,
+    state: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Write :func:`adapter_checkpoint` of ``model`` to ``path`` (atomically)."""
-    atomic_save(adapter_checkpoint(model, meta), path)
+    atomic_save(adapter_checkpoint(model, meta, state), path)
 
 
 def is_adapter_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
@@ -135,10 +148,13 @@ def merge_checkpoint(
 ) -> tuple[dict[str, Tensor], Any]:
     """(plain state dict with every ΔW folded in, adapter-free config) of a trained model.
 
-    ``checkpoint`` (a path or a loaded dict) is a full training checkpoint, or an
-    adapter-only one, whose base weights then come from the config's pretrained init_cfg.
+    ``checkpoint`` (a path or a loaded dict) is a full training checkpoint, an adapter-only
+    one, whose base weights then come from the config's pretrained init_cfg, or a sharded
+    one (a directory of ``rank{i}.pth``, FSDP's ``state_dict_cfg='local'``).
     """
     model = build_model(cfg)
+    if isinstance(checkpoint, str) and is_sharded_checkpoint(checkpoint):
+        checkpoint = read_sharded_checkpoint(checkpoint, like=model.state_dict())
     ckpt = load_checkpoint_file(checkpoint) if isinstance(checkpoint, str) else checkpoint
     if is_adapter_checkpoint(ckpt):
         require_pretrained_base(model)

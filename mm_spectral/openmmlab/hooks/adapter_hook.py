@@ -13,12 +13,13 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from torch import nn
 
-from ...report import trainable_report
+from ...distributed import clean_name, is_fsdp
 from ...state import atomic_save, is_adapter_key, merged_state_dict
 from ..adapted_backbone import ADAPTER_CFG_ATTR, adapted_backbones
 from ..checkpoint import plain_config, save_adapter_checkpoint
 from ..log_filters import AdapterKeySummary
 from .base import unwrap
+from .gather import broadcast_from_main, merged_full_state, trainable_state, trainable_table
 
 ADAPTER_SUFFIX = "_adapter"
 
@@ -86,6 +87,7 @@ class AdapterHook(Hook):
         for prefix, backbone in backbones.items():
             patterns = [re.compile(p) for p in getattr(backbone, ADAPTER_CFG_ATTR)["trainable"]]
             for name, param in backbone.named_parameters():
+                name = clean_name(name)  # under FSDP, names carry its wrappers
                 full = f"{prefix}.{name}" if prefix else name
                 if (
                     not param.requires_grad
@@ -107,7 +109,7 @@ class AdapterHook(Hook):
                 f"AdapterHook: {len(offending)} backbone parameters require grad but are "
                 f"neither adapters nor allowed by `trainable` / `allowed`:\n  {shown}{more}"
             )
-        runner.logger.info("trainable parameters:\n" + trainable_report(model))
+        runner.logger.info("trainable parameters:\n" + trainable_table(runner.model))
         # Paths already in the message hub (restored by a resume) were handled before.
         self._seen = self._ckpt_infos(runner)
 
@@ -134,12 +136,21 @@ class AdapterHook(Hook):
         }
 
     def _save_new_checkpoints(self, runner) -> None:
-        if not self.save_adapter_only or not is_main_process():
+        # Under FSDP every rank gathers the shards (rank 0 decides which files are new);
+        # otherwise rank 0 alone reads its whole model.
+        sharded = is_fsdp(runner.model)
+        if not self.save_adapter_only or not (sharded or is_main_process()):
             return
-        for key, path in self._ckpt_infos(runner).items():
-            if self._seen.get(key) == path or not osp.isfile(path):
-                continue
+        new = [
+            (key, path)
+            for key, path in self._ckpt_infos(runner).items()
+            if self._seen.get(key) != path and osp.exists(path)  # a directory if sharded
+        ]
+        for key, path in broadcast_from_main(new) if sharded else new:
             self._seen[key] = path
+            state = trainable_state(runner.model) if sharded else None
+            if not is_main_process():
+                continue
             model = unwrap(runner.model)
             meta = dict(
                 self._meta,  # from the full checkpoint: epoch, iter, cfg, dataset_meta, …
@@ -150,10 +161,11 @@ class AdapterHook(Hook):
                 },
             )
             target = adapter_checkpoint_path(path)
-            save_adapter_checkpoint(model, target, meta)
+            save_adapter_checkpoint(model, target, meta, state=state)
             if target not in self._written:
                 self._written.append(target)
-        self._drop_orphans()
+        if is_main_process():
+            self._drop_orphans()
 
     def _drop_orphans(self) -> None:
         """Remove adapter files whose full checkpoint CheckpointHook has removed."""
@@ -168,9 +180,14 @@ class AdapterHook(Hook):
     @torch.no_grad()
     def after_train(self, runner) -> None:
         self._save_new_checkpoints(runner)
-        if not self.merge_at_end or not is_main_process():
+        if not self.merge_at_end or not (is_fsdp(runner.model) or is_main_process()):
             return
-        state = merged_state_dict(unwrap(runner.model))  # the model itself stays adapted
+        if is_fsdp(runner.model):
+            state = merged_full_state(runner.model)  # every rank gathers; rank 0 gets it
+            if not is_main_process():
+                return
+        else:
+            state = merged_state_dict(unwrap(runner.model))  # the model itself stays adapted
         path = osp.join(runner.work_dir, "merged.pth")
         meta = dict(self._meta, epoch=runner.epoch, iter=runner.iter, merged=True)
         atomic_save(dict(state_dict=state, meta=meta), path)
