@@ -13,7 +13,12 @@ from .fsdp import (
     own_parameters,
     unit_summary,
 )
-from .sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint, unshard_state
+from .sharded_checkpoint import (
+    is_sharded_checkpoint,
+    read_sharded_checkpoint,
+    sharded_checkpoint_meta,
+    unshard_state,
+)
 from .wrap_policy import frozen_apart_wrap_policy
 
 __all__ = [
@@ -27,6 +32,7 @@ __all__ = [
     "is_sharded_checkpoint",
     "own_parameters",
     "read_sharded_checkpoint",
+    "sharded_checkpoint_meta",
     "unit_summary",
     "unshard_state",
 ]

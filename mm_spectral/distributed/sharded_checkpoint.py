@@ -123,3 +123,8 @@ def read_sharded_checkpoint(
         meta=dict(files[0].get("meta", {})),
         sharded_from=len(files),
     )
+
+
+def sharded_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """Rank 0's ``meta`` of a sharded checkpoint (epoch, iter, cfg, …)."""
+    return dict(load_rank_file(rank_files(directory)[0]).get("meta", {}))
