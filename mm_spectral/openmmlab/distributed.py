@@ -58,10 +58,12 @@ def configure_distributed(cfg: Any) -> None:
     docstring. On GPUs only the backend switch applies; MMEngine does the rest."""
     if cfg.get("launcher", "none") == "none":
         return
-    env_cfg = cfg.setdefault("env_cfg", {})
-    dist_cfg = env_cfg.setdefault("dist_cfg", {})
+    env_cfg = dict(cfg.get("env_cfg") or {})
+    dist_cfg = dict(env_cfg.get("dist_cfg") or {})
     backend = os.environ.get(BACKEND_ENV) or dist_cfg.get("backend", "nccl")
     dist_cfg["backend"] = backend
+    env_cfg["dist_cfg"] = dist_cfg
+    cfg.env_cfg = env_cfg
     if get_device() != "cpu":
         return
     if backend != "gloo":
