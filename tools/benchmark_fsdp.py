@@ -27,6 +27,7 @@ import functools
 import importlib.util
 import os
 import resource
+import runpy
 import statistics
 import sys
 import time
@@ -46,26 +47,23 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 from mm_spectral.distributed import frozen_apart_wrap_policy  # noqa: E402  (torch only)
 
 BACKBONES = ROOT / "mm_spectral" / "openmmlab" / "backbones"
+MODEL_CONFIG = ROOT / "configs" / "_base_" / "models" / "upernet_internvit-6b.py"
+
+
+def internvit6b_arch() -> dict:
+    """The backbone settings of the project's InternViT-6B configs (a plain-Python file:
+    read without MMEngine), less the pretrained checkpoint."""
+    arch = dict(runpy.run_path(str(MODEL_CONFIG))["internvit_6b"])
+    for key in ("type", "init_cfg"):
+        arch.pop(key)
+    return arch
+
+
 PRESETS = {
-    # configs/_base_/models/upernet_internvit-6b.py, ADE20K 512², 2 images per GPU.
-    "internvit6b-full": dict(
-        arch=dict(
-            embed_dim=3200,
-            depth=48,
-            num_heads=25,
-            mlp_ratio=4.0,
-            patch_size=14,
-            img_size=224,
-            out_indices=(11, 23, 35, 47),
-            drop_path_rate=0.4,
-            with_cp=True,
-        ),
-        size=512,
-        batch=2,
-        classes=150,
-    ),
+    # ADE20K 512², 2 images per GPU, as configs/ade20k/upernet_internvit-6b-*_8xb2-*.
+    "internvit6b-full": dict(arch=internvit6b_arch, size=512, batch=2, classes=150),
     "tiny": dict(
-        arch=dict(
+        arch=lambda: dict(
             embed_dim=64,
             depth=4,
             num_heads=4,
@@ -212,6 +210,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     preset = dict(PRESETS["tiny" if args.tiny else args.preset])
+    preset["arch"] = preset["arch"]()
     batch, size = args.batch or preset["batch"], args.size or preset["size"]
     device = setup(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
