@@ -134,6 +134,7 @@ def check_merge(config: Path, checkpoint: Path, adapted_state: dict, out_dir: Pa
     adapted.load_state_dict(adapted_state, strict=True)
     plain_cfg = Config.fromfile(cfg_path)
     assert "AdaptedBackbone" not in str(plain_cfg.model)
+    assert "strategy" not in plain_cfg and "runner_type" not in plain_cfg  # one device
     plain = build_model(plain_cfg)
     plain.load_state_dict(load_checkpoint_file(ckpt_path)["state_dict"], strict=True)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -101,7 +101,8 @@ def load_adapter_checkpoint(model: nn.Module, checkpoint: str | Mapping[str, Any
 def plain_config(cfg: Any) -> Any:
     """A copy of ``cfg`` with every AdaptedBackbone dict replaced by its inner ``backbone``
     (at any depth), the hooks that declare ``needs_adapters`` dropped from
-    ``custom_hooks``, and no ``load_from`` / ``resume``."""
+    ``custom_hooks``, no ``load_from`` / ``resume``, and no FlexibleRunner ``strategy``
+    (FSDP / DeepSpeed need a process group: the merged model runs on one device)."""
 
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
@@ -118,6 +119,9 @@ def plain_config(cfg: Any) -> Any:
     hooks = plain.get("custom_hooks") or []
     plain.custom_hooks = [h for h in hooks if not needs_adapters(h)]
     plain.load_from, plain.resume = None, False  # the merged weights are loaded explicitly
+    if plain.get("runner_type") in ("FlexibleRunner", "mmengine.FlexibleRunner"):
+        plain.pop("runner_type")
+        plain.pop("strategy", None)
     return plain
 
 
