@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .adapters.base import BaseAdapter
 from .state import adapted_layers
 
 DEFAULT_RANK = 16  # for adapters without a rank (FourierFT)
@@ -45,6 +46,12 @@ def amplification(delta: Tensor, weight: Tensor, rank: int) -> float:
     return (torch.linalg.matrix_norm(delta) / projected.clamp_min(1e-12)).item()
 
 
+def _adapter_of(layer: torch.nn.Module) -> BaseAdapter:
+    """The layer's adapter itself, also when a wrapper holds it (an FSDP unit, whose own
+    ``rank`` attribute, the process rank, would shadow the adapter's)."""
+    return next(m for m in layer.adapter.modules() if isinstance(m, BaseAdapter))
+
+
 @torch.no_grad()
 def delta_stats(model: torch.nn.Module, default_rank: int = DEFAULT_RANK) -> dict[str, float]:
     """{'delta_norm': mean ‖ΔW‖_F, 'delta_amplification': mean factor over layers with
@@ -59,7 +66,7 @@ def delta_stats(model: torch.nn.Module, default_rank: int = DEFAULT_RANK) -> dic
         norm = torch.linalg.matrix_norm(delta).item()
         norms.append(norm)
         if norm > 0:
-            rank = getattr(layer.adapter, "rank", None) or min(default_rank, *shape)
+            rank = getattr(_adapter_of(layer), "rank", None) or min(default_rank, *shape)
             amps.append(amplification(delta, weight, int(rank)))
     stats = {}
     if norms:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from .state import adapted_layers, is_adapter_key
 
@@ -19,18 +20,21 @@ def parameter_counts(module: nn.Module) -> dict[str, int]:
     )
 
 
-def trainable_report(module: nn.Module) -> str:
-    """A table of trainable parameters per adapted layer type, totals and model share."""
+def trainable_report(module: nn.Module, numel: Callable[[Tensor], int] = Tensor.numel) -> str:
+    """A table of trainable parameters per adapted layer type, totals and model share.
+
+    ``numel`` counts one parameter (a sharded model passes the unsharded size).
+    """
     rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     adapter_params = 0
     for _, layer in adapted_layers(module):
-        count = sum(p.numel() for p in layer.adapter.parameters() if p.requires_grad)
+        count = sum(numel(p) for p in layer.adapter.parameters() if p.requires_grad)
         row = rows[(layer.adapter.method, layer.adapter.spec.type_label)]
         row[0] += 1
         row[1] += count
         adapter_params += count
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in module.parameters())
+    trainable = sum(numel(p) for p in module.parameters() if p.requires_grad)
     lines = [f"{'adapter':<10} {'layer type':<22} {'layers':>7} {'trainable':>14}"]
     lines += [
         f"{method:<10} {label:<22} {n:>7} {count:>14,}"

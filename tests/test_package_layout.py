@@ -54,17 +54,17 @@ def test_core_works_with_openmmlab_timm_and_opencv_blocked():
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
-                    p.normal_()
+                    p.normal_(0, 0.1)  # a modest ΔW, as after training
         x = torch.randn(2, 3, 8, 8)
         adapted = model(x)
         state = mm_spectral.adapter_state_dict(model)
         merged = mm_spectral.merged_state_dict(model)
         mm_spectral.merge(model)
-        assert torch.allclose(model(x), adapted, atol=1e-5)
+        assert torch.allclose(model(x), adapted, rtol=1e-4, atol=1e-5)
         mm_spectral.remove_adapters(model, merge_first=False)
         plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
         plain.load_state_dict(merged, strict=True)
-        assert torch.allclose(plain(x), adapted, atol=1e-5)
+        assert torch.allclose(plain(x), adapted, rtol=1e-4, atol=1e-5)
         loaded = [m for m in sys.modules if m.split('.')[0] in BLOCKED]
         assert not loaded, loaded
         print('OK', names, len(state))

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Multi-GPU evaluation with torchrun:
 #   bash tools/dist_test.sh CONFIG CHECKPOINT NUM_GPUS [test.py options]
+# CPU processes (no GPU, or CUDA_VISIBLE_DEVICES= to hide them), gloo instead of NCCL:
+#   MM_SPECTRAL_DIST_BACKEND=gloo bash tools/dist_test.sh CONFIG CHECKPOINT 2
 CONFIG=$1
 CHECKPOINT=$2
 GPUS=$3

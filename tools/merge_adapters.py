@@ -2,8 +2,9 @@
 
     python tools/merge_adapters.py CONFIG CHECKPOINT --out-dir DIR
 
-CHECKPOINT is a full training checkpoint (epoch_12.pth) or an adapter-only one
-(epoch_12_adapter.pth: the base weights then come from the config's pretrained init_cfg).
+CHECKPOINT is a full training checkpoint (epoch_12.pth), an adapter-only one
+(epoch_12_adapter.pth: the base weights then come from the config's pretrained init_cfg),
+or a sharded one (an FSDP run's iter_N.pth/ directory of rank{i}.pth files).
 Writes DIR/merged.pth (MMEngine format; its meta['cfg'] is the adapter-free config, so an
 inferencer given only the weights builds the plain model) and DIR/<config>_merged.py,
 which stock OpenMMLab inference (mmdet DetInferencer, mmseg MMSegInferencer,
@@ -24,6 +25,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import Config, DictAction  # noqa: E402
 
+from mm_spectral.distributed import is_sharded_checkpoint  # noqa: E402
 from mm_spectral.openmmlab.checkpoint import CheckpointMismatch, merge_to_files  # noqa: E402
 from mm_spectral.state import load_checkpoint_file  # noqa: E402
 
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
     name = osp.splitext(osp.basename(args.config))[0]
     cfg_path = osp.join(args.out_dir, f"{name}_merged.py")
     try:
-        ckpt = load_checkpoint_file(args.checkpoint, mmap=True)
+        if is_sharded_checkpoint(args.checkpoint):  # read once the model gives the shapes
+            ckpt = args.checkpoint
+        else:
+            ckpt = load_checkpoint_file(args.checkpoint, mmap=True)
         state, _ = merge_to_files(
             cfg,
             ckpt,

@@ -33,6 +33,7 @@ from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
     load_adapter_checkpoint,
     require_unmerged,
 )
+from mm_spectral.openmmlab.distributed import configure_distributed  # noqa: E402
 from mm_spectral.state import adapted_layers, load_checkpoint_file  # noqa: E402
 
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = build_cfg(args)
     init_toolbox(cfg.get("default_scope"))
+    configure_distributed(cfg)  # gloo on CPU: MM_SPECTRAL_DIST_BACKEND=gloo
     ckpt = peek_checkpoint(args.checkpoint)
     adapter_only = ckpt is not None and is_adapter_checkpoint(ckpt)
     if adapter_only:

@@ -25,8 +25,10 @@ from mmengine.logging import print_log  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from mm_spectral.distributed import is_sharded_checkpoint  # noqa: E402
 from mm_spectral.openmmlab import init_toolbox  # noqa: E402  (registers; fixes torch.load)
 from mm_spectral.openmmlab.checkpoint import CheckpointMismatch, checkpoint_kind  # noqa: E402
+from mm_spectral.openmmlab.distributed import configure_distributed  # noqa: E402
 from mm_spectral.state import load_checkpoint_file  # noqa: E402
 
 CHECKPOINT_NAME = re.compile(r"^(epoch|iter)_(\d+)(_adapter)?\.pth$")
@@ -132,7 +134,7 @@ def resolve_resume(cfg: Config) -> str | None:
         print_log(f"--resume: no checkpoint in {cfg.work_dir}; starting at iteration 0", "current")
         cfg.resume = False
         return None
-    if not osp.isfile(start):
+    if not osp.exists(start):  # a file, or a sharded (FSDP) checkpoint's directory
         raise SystemExit(f"--resume: {start} does not exist")
     later = _later_than(start, existing)
     if later:
@@ -141,7 +143,9 @@ def resolve_resume(cfg: Config) -> str | None:
             f"resuming from {start} would overwrite later checkpoints of {cfg.work_dir} "
             f"({names}); move them away or resume into another --work-dir"
         )
-    kind = checkpoint_kind(load_checkpoint_file(start, mmap=True))
+    # A sharded (FSDP) checkpoint is a full one; adapter-only files are single files.
+    sharded = is_sharded_checkpoint(start)
+    kind = "full" if sharded else checkpoint_kind(load_checkpoint_file(start, mmap=True))
     hooks = [h.get("type") for h in cfg.get("custom_hooks") or []]
     if kind == "adapter-only" and "AdapterHook" not in hooks:
         raise SystemExit(
@@ -158,7 +162,7 @@ def _latest(work_dir: str, existing: list[str]) -> str | None:
     if osp.isfile(record):
         with open(record) as handle:
             named = handle.read().strip()
-        if named and osp.isfile(named):
+        if named and osp.exists(named):
             return named
         print_log(
             f"{record} names a missing file ({named!r}); using the newest checkpoint", "current"
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> Runner:
     cfg = build_cfg(args)
     init_toolbox(cfg.get("default_scope"))
     resolve_resume(cfg)
+    configure_distributed(cfg)  # gloo on CPU: MM_SPECTRAL_DIST_BACKEND=gloo
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     if not any(type(h).__name__ == "RandomStateHook" for h in runner.hooks):
         runner.register_hook(dict(type="RandomStateHook"))

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..adapters.batched_spectra import enable_batched_spectra
 from ..cuda_graph import enable_cuda_graph
+from ..distributed import clean_name
 from ..inject import cast_frozen, freeze, inject
 from ..provenance import plain_types
 from .init_guard import GuardedInitWeights
@@ -113,7 +114,10 @@ def _descendants(registry: Registry) -> Iterator[tuple[str, Registry]]:
 
 
 def adapted_backbones(model: nn.Module) -> dict[str, nn.Module]:
-    """{prefix: module} for every module built by AdaptedBackbone inside ``model``."""
+    """{prefix: module} for every module built by AdaptedBackbone inside ``model`` (prefixes
+    as in the unwrapped model, also under FSDP)."""
     return {
-        name: module for name, module in model.named_modules() if hasattr(module, ADAPTER_CFG_ATTR)
+        clean_name(name): module
+        for name, module in model.named_modules()
+        if hasattr(module, ADAPTER_CFG_ATTR)
     }

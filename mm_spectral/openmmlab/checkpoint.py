@@ -29,6 +29,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..distributed import (
+    clean_name,
+    is_sharded_checkpoint,
+    read_sharded_checkpoint,
+)
 from ..provenance import (
     CheckpointMismatch,
     base_fingerprint,
@@ -154,7 +159,7 @@ def frozen_backbone_keys(model: nn.Module) -> set[str]:
     for prefix, backbone in adapted_backbones(model).items():
         head = f"{prefix}." if prefix else ""
         keys |= {
-            head + n
+            clean_name(head + n)  # under FSDP, names carry its wrappers
             for n, p in backbone.named_parameters()
             if not p.requires_grad and not is_adapter_key(n)
         }
@@ -293,8 +298,9 @@ def merge_checkpoint(
 ) -> tuple[dict[str, Tensor], Any]:
     """(plain state dict with every ΔW folded in, adapter-free config) of a trained model.
 
-    ``checkpoint`` (a path or a loaded dict) is a full training checkpoint, or an
-    adapter-only one, whose base weights then come from the config's pretrained init_cfg.
+    ``checkpoint`` (a path or a loaded dict) is a full training checkpoint, an adapter-only
+    one, whose base weights then come from the config's pretrained init_cfg, or a sharded
+    one (a directory of ``rank{i}.pth``, FSDP's ``state_dict_cfg='local'``).
     Raises :class:`CheckpointMismatch`, changing nothing, when there is nothing to merge
     (a config without adapters, a merged checkpoint) or the checkpoint does not fit.
     """
@@ -331,7 +337,12 @@ def _merge(
             "the config builds no adapters (no AdaptedBackbone with an adapter): nothing to "
             "merge; its checkpoints are plain already"
         )
-    ckpt = load_checkpoint_file(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    if isinstance(checkpoint, str) and is_sharded_checkpoint(checkpoint):
+        ckpt = read_sharded_checkpoint(checkpoint, like=model.state_dict())
+    elif isinstance(checkpoint, str):
+        ckpt = load_checkpoint_file(checkpoint, mmap=True)
+    else:
+        ckpt = checkpoint
     require_unmerged(ckpt, source)
     if is_adapter_checkpoint(ckpt):
         load_adapter_checkpoint(model, ckpt, allow_other_base, source)

@@ -19,7 +19,9 @@ def plain_config(cfg: Any) -> Any:
 
     Every AdaptedBackbone dict becomes its inner ``backbone`` (at any depth), hooks that
     declare ``needs_adapters`` leave ``custom_hooks``, ``load_from`` / ``resume`` are
-    cleared. When no class registered by mm_spectral is left (e.g. a ResNet backbone),
+    cleared, and a FlexibleRunner ``strategy`` (FSDP / DeepSpeed need a process group; the
+    merged model runs on one device) is dropped. When no class registered by mm_spectral
+    is left (e.g. a ResNet backbone),
     ``custom_imports`` loses mm_spectral and ``optim_wrapper`` its adapter-aware
     constructor, so the config runs where mm_spectral is not installed; a registered
     mm_spectral backbone (ConvNeXtV2, TimmViT, InternViT…) or hook keeps the import.
@@ -39,6 +41,9 @@ def plain_config(cfg: Any) -> Any:
     hooks = plain.get("custom_hooks") or []
     plain.custom_hooks = [h for h in hooks if not needs_adapters(h)]
     plain.load_from, plain.resume = None, False  # the merged weights are loaded explicitly
+    if plain.get("runner_type") in ("FlexibleRunner", "mmengine.FlexibleRunner"):
+        plain.pop("runner_type")
+        plain.pop("strategy", None)
     used = set(mm_spectral_names(plain))
     constructor = (plain.get("optim_wrapper") or {}).get("constructor")
     if used == {_type_name(constructor)}:  # the constructor alone: MMEngine's default does

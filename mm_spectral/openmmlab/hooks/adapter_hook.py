@@ -13,7 +13,8 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from torch import nn
 
-from ...report import trainable_report
+from ...distributed import clean_name, full_tensors, is_fsdp
+from ...provenance import base_fingerprint
 from ...state import adapted_layers, atomic_save, is_adapter_key, merged_state_dict
 from ..adapted_backbone import ADAPTER_CFG_ATTR, adapted_backbones
 from ..checkpoint import (
@@ -23,6 +24,7 @@ from ..checkpoint import (
     check_adapter_records,
     checkpoint_kind,
     describe,
+    frozen_backbone_keys,
     frozen_fingerprint,
     load_adapter_checkpoint,
     merged_meta,
@@ -33,6 +35,7 @@ from ..checkpoint import (
 )
 from ..log_filters import AdapterKeySummary
 from .base import unwrap
+from .gather import gather_target, merged_full_state, trainable_state, trainable_table
 
 ADAPTER_SUFFIX = "_adapter"
 WRITTEN_INFO = "mm_spectral_adapter_ckpts"
@@ -120,6 +123,7 @@ class AdapterHook(Hook):
         for prefix, backbone in backbones.items():
             patterns = [re.compile(p) for p in getattr(backbone, ADAPTER_CFG_ATTR)["trainable"]]
             for name, param in backbone.named_parameters():
+                name = clean_name(name)  # under FSDP, names carry its wrappers
                 full = f"{prefix}.{name}" if prefix else name
                 if (
                     not param.requires_grad
@@ -141,18 +145,29 @@ class AdapterHook(Hook):
                 f"AdapterHook: {len(offending)} backbone parameters require grad but are "
                 f"neither adapters nor allowed by `trainable` / `allowed`:\n  {shown}{more}"
             )
-        runner.logger.info("trainable parameters:\n" + trainable_report(model))
+        runner.logger.info("trainable parameters:\n" + trainable_table(runner.model))
         self._paths = self._ckpt_infos(runner)  # restored by a resume: saved before
 
     # -- saving ----------------------------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        """Record the adapters in the checkpoint; write its adapter-only twin."""
+        """Record the adapters in the checkpoint; write its adapter-only twin.
+
+        Under FSDP (FlexibleRunner calls this on every rank) the twin's tensors and the
+        base fingerprint are gathered from the shards by every rank; rank 0 writes."""
         model = unwrap(runner.model)
         meta = checkpoint.setdefault("meta", {})
         meta[META_KEY] = describe(model, "full")
         self._meta = dict(meta)  # dataset_meta, seed, … for merge_at_end
         path = self._target(runner)
-        if not self.save_adapter_only or not is_main_process() or path is None:
+        if not self.save_adapter_only or path is None:
+            return
+        state, training_state = checkpoint.get("state_dict"), checkpoint
+        if is_fsdp(runner.model):  # collectives: every rank, before rank 0 goes on alone
+            # The shards' optimizer state is per rank: resume from the sharded checkpoint.
+            state, training_state = trainable_state(runner.model), None
+            if self._fingerprint is None:
+                self._fingerprint = self._sharded_fingerprint(runner.model)
+        if not is_main_process():
             return
         if not osp.isdir(osp.dirname(path) or "."):
             runner.logger.warning(f"AdapterHook: {path} is not a local file; no adapter file")
@@ -166,10 +181,15 @@ class AdapterHook(Hook):
         if self._fingerprint is None:
             self._fingerprint = frozen_fingerprint(model)
         adapter_meta = dict(meta, full_checkpoint=osp.basename(path))
-        ckpt = adapter_checkpoint(
-            model, adapter_meta, checkpoint["state_dict"], checkpoint, self._fingerprint
-        )
+        ckpt = adapter_checkpoint(model, adapter_meta, state, training_state, self._fingerprint)
         atomic_save(ckpt, target)
+
+    @staticmethod
+    def _sharded_fingerprint(model: nn.Module) -> dict:
+        """The frozen backbone weights' fingerprint of an FSDP model (gathered unit by unit;
+        every rank calls it, rank 0 gets the result)."""
+        frozen = frozen_backbone_keys(unwrap(model))
+        return base_fingerprint(full_tensors(gather_target(model), keep=frozen.__contains__))
 
     @staticmethod
     def _ckpt_infos(runner) -> dict[str, str]:
@@ -241,10 +261,15 @@ class AdapterHook(Hook):
     # -- merging at the end ----------------------------------------------------------------
     @torch.no_grad()
     def after_train(self, runner) -> None:
-        if not self.merge_at_end or not is_main_process():
+        if not self.merge_at_end:
             return
         model = unwrap(runner.model)
-        state = merged_state_dict(model)  # the model itself stays adapted
+        if is_fsdp(runner.model):
+            state = merged_full_state(runner.model)  # every rank gathers; rank 0 gets it
+        elif is_main_process():
+            state = merged_state_dict(model)  # the model itself stays adapted
+        if not is_main_process():
+            return
         has_cfg = runner.cfg.get("model") is not None
         plain = plain_config(runner.cfg) if has_cfg else None
         meta = dict(self._meta, epoch=runner.epoch, iter=runner.iter)

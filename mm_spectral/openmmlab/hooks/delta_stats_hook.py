@@ -7,6 +7,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from ...delta_stats import DEFAULT_RANK, delta_stats
+from ...distributed import full_parameters
 from .base import unwrap
 
 
@@ -20,6 +21,8 @@ class DeltaStatsHook(Hook):
     Args:
         interval: iterations between two measurements.
         default_rank: r for adapters without a rank (FourierFT).
+
+    Under FSDP every measurement gathers the whole model into rank 0's CPU memory.
     """
 
     priority = "NORMAL"  # before LoggerHook (BELOW_NORMAL): logged in the same iteration
@@ -30,7 +33,10 @@ class DeltaStatsHook(Hook):
         self.default_rank = default_rank
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if not self.every_n_train_iters(runner, self.interval) or not is_main_process():
-            return  # only rank 0 logs
-        for key, value in delta_stats(unwrap(runner.model), self.default_rank).items():
-            runner.message_hub.update_scalar(f"train/{key}", value)
+        if not self.every_n_train_iters(runner, self.interval):
+            return
+        with full_parameters(runner.model):  # FSDP: whole tensors on rank 0; else nothing
+            if not is_main_process():
+                return  # only rank 0 logs
+            for key, value in delta_stats(unwrap(runner.model), self.default_rank).items():
+                runner.message_hub.update_scalar(f"train/{key}", value)

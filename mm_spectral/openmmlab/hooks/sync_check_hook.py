@@ -1,4 +1,5 @@
-"""Checks under DDP that every rank holds the same adapters (entries and weights)."""
+"""Checks that every rank holds the same adapters (entries and weights), under DDP, or
+under FSDP on the gathered (unsharded) tensors."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from mmengine.dist import all_gather, get_world_size
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from ...state import adapter_state_dict
-from .base import unwrap
+from ...distributed import full_tensors
+from ...state import is_adapter_key
+from .gather import gather_target
 
 
 def _checksum(tensor: torch.Tensor) -> torch.Tensor:
@@ -25,6 +27,9 @@ class AdapterSyncCheckHook(Hook):
 
     Each tensor gives its sum and a position-weighted sum, so drift, swapped entries and
     reordered indices all show; any difference at all fails (ranks must be bit-identical).
+    Under FSDP each rank checks the full tensors gathered from the shards (comparing the
+    shards themselves would always fail): replicated buffers such as spectral entries, and
+    replicas of hybrid sharding, must agree.
     """
 
     priority = "LOWEST"
@@ -32,10 +37,8 @@ class AdapterSyncCheckHook(Hook):
 
     @torch.no_grad()
     def after_train(self, runner) -> None:
-        model = unwrap(runner.model)
-        state = adapter_state_dict(model)
-        device = next(model.parameters()).device
-        sums = torch.stack([_checksum(t.to(device)) for t in state.values()])
+        state = full_tensors(gather_target(runner.model), keep=is_adapter_key, rank0_only=False)
+        sums = torch.stack([_checksum(t) for t in state.values()])
         gathered = all_gather(sums)
         worst = max((g - gathered[0]).abs().max().item() for g in gathered)
         if worst != 0.0:
