@@ -1,12 +1,4 @@
-# FourierFT (Gao et al., ICML 2024): ΔW = α·Re(IDFT2(F)) with 3000 learnable
-# coefficients per layer; α is task-sensitive (peft's default 150): tune it per task.
+# FourierFT, 3000 coefficients per layer, α = 150.
 _base_ = ['../_base_/experiments/upernet_convnextv2-l_8xb2-160k_ade20k-512x512.py']
 
-model = dict(
-    backbone=dict(
-        adapter=dict(
-            type='FourierFT',
-            n=3000,
-            alpha=150.0,
-            seed=777,
-            targets={{_base_.convnextv2_targets}})))
+model = dict(backbone=dict(adapter={{_base_.convnextv2_fourierft_n3000}}))

@@ -1,6 +1,4 @@
-# LoRA baseline: rank 16, alpha 16; a conv's weight is the matrix (out, in/groups * kh * kw).
+# LoRA baseline, rank 16 (flat-matrix convs).
 _base_ = ['../_base_/experiments/mask-rcnn_convnextv2-l_fpn_8xb4-1x_coco.py']
 
-model = dict(
-    backbone=dict(
-        adapter=dict(type='LoRA', rank=16, alpha=16, targets={{_base_.convnextv2_targets}})))
+model = dict(backbone=dict(adapter={{_base_.convnextv2_lora_r16}}))

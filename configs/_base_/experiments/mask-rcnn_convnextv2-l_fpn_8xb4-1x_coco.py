@@ -7,7 +7,7 @@ _base_ = [
     '../datasets/coco_instance.py',
     '../schedules/coco_1x_adamw.py',
     '../default_runtime_det.py',
-    '../adapters/targets.py',
+    '../adapters/convnextv2-l.py',
 ]
 
 model = dict(

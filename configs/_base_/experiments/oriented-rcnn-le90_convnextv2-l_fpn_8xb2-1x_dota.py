@@ -8,7 +8,7 @@ _base_ = [
     '../datasets/dota_le90.py',
     '../schedules/dota_1x_sgd.py',
     '../default_runtime_rotated.py',
-    '../adapters/targets.py',
+    '../adapters/convnextv2-l.py',
 ]
 
 model = dict(

@@ -7,7 +7,7 @@ _base_ = [
     '../datasets/ade20k_512.py',
     '../schedules/ade20k_160k_adamw.py',
     '../default_runtime_seg.py',
-    '../adapters/targets.py',
+    '../adapters/convnextv2-l.py',
 ]
 
 model = dict(
