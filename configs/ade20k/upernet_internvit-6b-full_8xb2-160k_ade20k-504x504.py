@@ -5,8 +5,10 @@
 # Several GPUs needed: 5.9B trained parameters in float32 with their gradients and AdamW's
 # two moments are 16 bytes each, ~95 GB before activations, more than one 80 GB GPU holds.
 # MMEngine's FlexibleRunner shards them over the GPUs with FSDP (FULL_SHARD): ~12 GB per GPU
-# on the 8 GPUs this file's name and batch assume (bf16 compute, fp32 reduction; an estimate
-# from these sizes, not a measured run). Launch:
+# on the 8 GPUs this file's name and batch assume. MMEngine 0.10.7 registers no
+# auto_wrap_policy, so the whole model is one FSDP unit and its bf16 weights (~12 GB) and
+# gradients are gathered whole on each GPU during a step: ~40 GB plus activations per GPU,
+# an estimate from these sizes, not a measured run. Launch:
 #   bash tools/dist_train.sh configs/ade20k/upernet_internvit-6b-full_8xb2-160k_ade20k-504x504.py 8
 _base_ = [
     '../_base_/models/upernet_internvit-6b.py',
