@@ -204,13 +204,46 @@ def test_internvit_position_embedding_resampling_matches_timm_bicubic():
         torch.testing.assert_close(ours, theirs)
 
 
-@pytest.mark.parametrize("family", ["vit", "internvit6b"])
+def internvl_position_embedding(pos: torch.Tensor, grid: int, size: tuple[int, int]):
+    """InternVL's ``InternVisionEmbeddings._get_pos_embed`` written out: the class entry kept,
+    the (grid x grid) patch entries resized by F.interpolate (bicubic, align_corners=False, no
+    antialiasing) in float32."""
+    patches = pos[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=size, mode="bicubic", align_corners=False)
+    patches = patches.reshape(1, pos.shape[-1], -1).permute(0, 2, 1).to(pos.dtype)
+    return torch.cat([pos[:, :1], patches], dim=1)
+
+
+@pytest.mark.parametrize("size", [(84, 84), (42, 70), (28, 28)])  # grids 6x6, 3x5, 2x2
+def test_internvit300m_resamples_position_embeddings_as_internvl(size):
+    """Tokens + position embeddings at inputs off the stored 4x4 grid equal InternVL's
+    plain bicubic resampling, not timm's antialiased one (which differs measurably)."""
+    torch.manual_seed(0)
+    model = InternViT300M(**TINY_300M).eval()  # 56 px: a stored 4x4 grid
+    with torch.no_grad():
+        model.pos_embed.normal_()
+        tokens = model.patch_embed(torch.randn(2, 3, *size))  # (B, H, W, C)
+        ours = model._pos_embed(tokens)
+    grid = (size[0] // 14, size[1] // 14)
+    patches = tokens.reshape(2, -1, 48)
+    with_class = torch.cat([model.cls_token.expand(2, -1, -1), patches], dim=1)
+    reference = with_class + internvl_position_embedding(model.pos_embed, 4, grid)
+    torch.testing.assert_close(ours, reference)
+    antialiased = with_class + resample_abs_pos_embed(model.pos_embed, grid, (4, 4))
+    assert (antialiased - reference).abs().max() > 1e-3
+    assert TimmViT.pos_embed_antialias  # timm's own ViTs keep timm's resampling
+
+
+@pytest.mark.parametrize("family", ["vit", "internvit300m", "internvit6b"])
 def test_checkpoint_on_another_grid_is_resampled_at_load(family):
     """A model whose stored grid is smaller, loaded into one with a bigger grid, computes the same
     features at the bigger input: forward-time and load-time resampling agree."""
     torch.manual_seed(0)
     if family == "vit":
         small, big = TimmViT(**dict(TINY_VIT, img_size=32)), TimmViT(**TINY_VIT)
+        key = "pos_embed"
+    elif family == "internvit300m":
+        small, big = InternViT300M(**dict(TINY_300M, img_size=28)), InternViT300M(**TINY_300M)
         key = "pos_embed"
     else:
         small, big = InternViT6B(**dict(TINY_INTERN, img_size=28)), InternViT6B(**TINY_INTERN)
@@ -221,6 +254,33 @@ def test_checkpoint_on_another_grid_is_resampled_at_load(family):
     with torch.no_grad():
         for a, b in zip(small.eval()(x), big.eval()(x)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_internvit6b_refuses_checkpoints_that_would_load_partly(tmp_path):
+    """A checkpoint with fewer encoder layers than the model builds (a 45-layer 448 px release
+    in the 48-layer default), or on a finer position grid than the model stores, fails loudly
+    instead of leaving layers random or throwing the release's grid away."""
+    torch.manual_seed(0)
+    release = InternViT6B(**dict(TINY_INTERN, depth=3, out_indices=(0, 1, 2, 2)))
+    path = tmp_path / "release.pth"
+    torch.save(release.state_dict(), path)
+    init_cfg = dict(type="Pretrained", checkpoint=str(path))
+    with pytest.raises(ValueError, match=r"3 encoder layers.*builds 4.*\[3\].*depth=45"):
+        InternViT6B(**TINY_INTERN, init_cfg=init_cfg).init_weights()
+    fitting = InternViT6B(**dict(TINY_INTERN, depth=3, out_indices=(0, 1, 2, 2)), init_cfg=init_cfg)
+    fitting.init_weights()
+    torch.testing.assert_close(fitting.state_dict(), release.state_dict(), rtol=0, atol=0)
+    # adapter-only state dicts carry no base layer keys: not refused
+    mm_spectral.inject(
+        release, dict(type="LoRA", rank=2, targets=[r"encoder\.layers\.0\.mlp\.fc1"])
+    )
+    InternViT6B(**TINY_INTERN).load_state_dict(
+        mm_spectral.adapter_state_dict(release), strict=False
+    )
+
+    finer = InternViT6B(**dict(TINY_INTERN, pretrain_size=112))  # an 8x8 grid
+    with pytest.raises(ValueError, match=r"8x8 grid \(112 px.*stores 4x4: set pretrain_size=112"):
+        InternViT6B(**TINY_INTERN).load_state_dict(finer.state_dict())
 
 
 # ----------------------------------------------------------------------------- checkpointing

@@ -49,7 +49,7 @@ VIT_UPERNET = {
 }
 
 INTERNVIT_6B = {
-    "InternViT-6B FLoRA r16 (bf16 frozen, with_cp)": "configs/ade20k/upernet_internvit-6b-flora-r16_8xb2-160k_ade20k-512x512.py",
+    "InternViT-6B FLoRA r16 (bf16 frozen, with_cp)": "configs/ade20k/upernet_internvit-6b-flora-r16_8xb2-160k_ade20k-504x504.py",
 }
 
 

@@ -1,21 +1,6 @@
-# ConvNeXt-V2-L: ADE20K semantic segmentation, UperNet 512x512, 160k iterations, AdamW lr 1e-4,
-# wd 0.05, batch 16 = 8 GPUs x 2 (FLoRA paper, Table 9).
-# Frozen-backbone baseline ("Base"): no adapter; only the new output norms, the neck
-# and the heads train.
-_base_ = [
-    '../_base_/models/upernet_convnextv2-l.py',
-    '../_base_/datasets/ade20k_512.py',
-    '../_base_/schedules/ade20k_160k_adamw.py',
-    '../_base_/default_runtime_seg.py',
-    '../_base_/adapters/targets.py',
-]
-
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='AdaptedBackbone',
-        backbone={{_base_.convnextv2_l}},
-        adapter=None,
-        trainable={{_base_.convnextv2_trainable}}))
+# FLoRA paper, Table 1, "Base": the frozen backbone without adapter; only its new output
+# norms, the neck and the heads train.
+_base_ = ['../_base_/experiments/upernet_convnextv2-l_8xb2-160k_ade20k-512x512.py']
 
 custom_hooks = [dict(type='AdapterHook')]
+paper = dict(table='1')

@@ -1,21 +1,4 @@
-# ConvNeXt-V2-L: ADE20K semantic segmentation, UperNet 512x512, 160k iterations, AdamW lr 1e-4,
-# wd 0.05, batch 16 = 8 GPUs x 2 (FLoRA paper, Table 9).
-# FLoRA (Si et al.): Tucker core of size 16 on the channel modes and 2 on the spatial
-# modes, scale s=4, on every backbone conv (stem, downsampling, depthwise) and linear.
-_base_ = [
-    '../_base_/models/upernet_convnextv2-l.py',
-    '../_base_/datasets/ade20k_512.py',
-    '../_base_/schedules/ade20k_160k_adamw.py',
-    '../_base_/default_runtime_seg.py',
-    '../_base_/adapters/targets.py',
-]
+# FLoRA, core rank 16 on the channel modes, 2 on the spatial ones, s = 4.
+_base_ = ['../_base_/experiments/upernet_convnextv2-l_8xb2-160k_ade20k-512x512.py']
 
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='AdaptedBackbone',
-        backbone={{_base_.convnextv2_l}},
-        adapter=dict(type='FLoRA', rank=16, kernel_rank=2, scale=4.0, targets={{_base_.convnextv2_targets}}),
-        trainable={{_base_.convnextv2_trainable}}))
-
-custom_hooks = [dict(type='AdapterHook'), dict(type='DeltaStatsHook', interval=50)]
+model = dict(backbone=dict(adapter={{_base_.convnextv2_flora_r16}}))

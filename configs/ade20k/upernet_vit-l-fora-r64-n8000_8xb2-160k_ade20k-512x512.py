@@ -1,21 +1,10 @@
-# ViT-L/16: ADE20K semantic segmentation, UperNet 512x512, 160k iterations, AdamW lr 1e-4,
-# wd 0.05, batch 16 = 8 GPUs x 2 (FLoRA paper, Table 9).
-# FoRA: LoRA factors of rank 64, each the real inverse DFT of 8000 learnable spectral
-# coefficients (16000 parameters per layer at any rank).
-_base_ = [
-    '../_base_/models/upernet_vit-l.py',
-    '../_base_/datasets/ade20k_512.py',
-    '../_base_/schedules/ade20k_160k_adamw.py',
-    '../_base_/default_runtime_seg.py',
-    '../_base_/adapters/targets.py',
-]
+# FoRA on every linear of every block: LoRA factors of rank 64, each the real inverse DFT of
+# 8000 learnable spectral coefficients (16000 parameters per layer at any rank). The
+# paper's own ViT setting (query and value only):
+# upernet_vit-l-fora-qv-r64-n8000_8xb2-160k_ade20k-512x512.py.
+_base_ = ['../_base_/experiments/upernet_vit-l_8xb2-160k_ade20k-512x512.py']
 
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='AdaptedBackbone',
-        backbone={{_base_.vit_l}},
-        adapter=dict(type='FoRA', rank=64, n=8000, scale=1.0, seed=777, targets={{_base_.vit_targets}}),
-        trainable={{_base_.vit_trainable}}))
-
-custom_hooks = [dict(type='AdapterHook'), dict(type='DeltaStatsHook', interval=50)]
+        adapter=dict(
+            type='FoRA', rank=64, n=8000, scale=1.0, seed=777, targets={{_base_.vit_targets}})))

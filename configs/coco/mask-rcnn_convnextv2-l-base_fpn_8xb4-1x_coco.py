@@ -1,21 +1,6 @@
-# ConvNeXt-V2-L: COCO instance segmentation, Mask R-CNN 1x (12 epochs), AdamW lr 1e-4, wd 0.05,
-# batch 32 = 8 GPUs x 4 (FLoRA paper, Table 9).
-# Frozen-backbone baseline ("Base"): no adapter; only the new output norms, the neck
-# and the heads train.
-_base_ = [
-    '../_base_/models/mask-rcnn_convnextv2-l_fpn.py',
-    '../_base_/datasets/coco_instance.py',
-    '../_base_/schedules/coco_1x_adamw.py',
-    '../_base_/default_runtime_det.py',
-    '../_base_/adapters/targets.py',
-]
-
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='AdaptedBackbone',
-        backbone={{_base_.convnextv2_l}},
-        adapter=None,
-        trainable={{_base_.convnextv2_trainable}}))
+# FLoRA paper, Table 1, "Base": the frozen backbone without adapter; only its new output
+# norms, the neck and the heads train.
+_base_ = ['../_base_/experiments/mask-rcnn_convnextv2-l_fpn_8xb4-1x_coco.py']
 
 custom_hooks = [dict(type='AdapterHook')]
+paper = dict(table='1')

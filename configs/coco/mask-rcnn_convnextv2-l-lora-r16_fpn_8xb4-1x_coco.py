@@ -1,20 +1,4 @@
-# ConvNeXt-V2-L: COCO instance segmentation, Mask R-CNN 1x (12 epochs), AdamW lr 1e-4, wd 0.05,
-# batch 32 = 8 GPUs x 4 (FLoRA paper, Table 9).
-# LoRA baseline: rank 16, alpha 16.
-_base_ = [
-    '../_base_/models/mask-rcnn_convnextv2-l_fpn.py',
-    '../_base_/datasets/coco_instance.py',
-    '../_base_/schedules/coco_1x_adamw.py',
-    '../_base_/default_runtime_det.py',
-    '../_base_/adapters/targets.py',
-]
+# LoRA baseline, rank 16 (flat-matrix convs).
+_base_ = ['../_base_/experiments/mask-rcnn_convnextv2-l_fpn_8xb4-1x_coco.py']
 
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='AdaptedBackbone',
-        backbone={{_base_.convnextv2_l}},
-        adapter=dict(type='LoRA', rank=16, alpha=16, targets={{_base_.convnextv2_targets}}),
-        trainable={{_base_.convnextv2_trainable}}))
-
-custom_hooks = [dict(type='AdapterHook'), dict(type='DeltaStatsHook', interval=50)]
+model = dict(backbone=dict(adapter={{_base_.convnextv2_lora_r16}}))

@@ -1,21 +1,6 @@
-# ConvNeXt-V2-L: DOTA-v1.0 oriented detection, Oriented R-CNN le90, 12 epochs, SGD lr 5e-3, wd 1e-4,
-# batch 16 = 8 GPUs x 2 (FLoRA paper, Table 9); data split with tools/data/dota_split.py.
-# Frozen-backbone baseline ("Base"): no adapter; only the new output norms, the neck
-# and the heads train.
-_base_ = [
-    '../_base_/models/oriented-rcnn-le90_convnextv2-l_fpn.py',
-    '../_base_/datasets/dota_le90.py',
-    '../_base_/schedules/dota_1x_sgd.py',
-    '../_base_/default_runtime_rotated.py',
-    '../_base_/adapters/targets.py',
-]
-
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='AdaptedBackbone',
-        backbone={{_base_.convnextv2_l}},
-        adapter=None,
-        trainable={{_base_.convnextv2_trainable}}))
+# FLoRA paper, Table 1, "Base": the frozen backbone without adapter; only its new output
+# norms, the neck and the heads train.
+_base_ = ['../_base_/experiments/oriented-rcnn-le90_convnextv2-l_fpn_8xb2-1x_dota.py']
 
 custom_hooks = [dict(type='AdapterHook')]
+paper = dict(table='1')

@@ -21,6 +21,7 @@ from mmengine.registry import MODELS
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed
 from torch import Tensor, nn
 
+from ...state import is_adapter_key
 from .pyramid import SimplePyramid, check_out_indices, run_blocks, tokens_to_map
 
 
@@ -73,6 +74,14 @@ class InternEmbeddings(nn.Module):
         if source is not None and source.shape != self.position_embedding.shape:
             side = math.isqrt(source.shape[1] - 1)
             if side * side == source.shape[1] - 1 and source.shape[-1] == self.embed_dim:
+                if side > self.grid:  # downsampling would throw the release's grid away
+                    patch = self.patch_embedding.kernel_size[0]
+                    raise ValueError(
+                        f"InternViT6B: the checkpoint's position embedding is a {side}x{side} "
+                        f"grid ({side * patch} px pretraining) but this model stores "
+                        f"{self.grid}x{self.grid}: set pretrain_size={side * patch} (inputs "
+                        "of any size are resampled from it at forward time)"
+                    )
                 state_dict[key] = resample_position_embedding(source, side, (self.grid, self.grid))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -156,7 +165,9 @@ class InternViT6B(BaseModule):
         with_cp: activation checkpointing per block while training (needed to fit 6B).
         pretrain_size: image size of the checkpoint's position-embedding grid (224 or 448 for the
             releases). Keeping it equal avoids resampling at load time; inputs of any size are
-            handled at forward time by bicubic resampling.
+            handled at forward time by bicubic resampling. A checkpoint on a finer grid than
+            this, or with fewer encoder layers than are built, is refused when loading (the
+            448 px releases need ``pretrain_size=448`` and, V1-2 on, ``depth=45``).
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=<converted .pth>)``.
     """
 
@@ -207,8 +218,41 @@ class InternViT6B(BaseModule):
         nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
         nn.init.trunc_normal_(self.embeddings.position_embedding, std=0.02)
 
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """Refuse a checkpoint that lacks some of the encoder layers this model builds."""
+        check_layers_present(state_dict, prefix, len(self.encoder.layers), self.out_indices)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x, grid = self.embeddings(x)
         layers = self.encoder.layers
         _, outs = run_blocks(layers, x, self.out_indices, self.with_cp and self.training)
         return self.pyramid([tokens_to_map(outs[i], 1, grid) for i in self.out_indices])
+
+
+def check_layers_present(
+    state_dict: dict, prefix: str, built: int, out_indices: Sequence[int]
+) -> None:
+    """Raise when ``state_dict`` holds encoder layers but not all ``built`` of them.
+
+    A partial load would leave those layers at their random init, silently (MMEngine's
+    ``Pretrained`` init loads with ``strict=False``): e.g. a 45-layer 448 px release in the
+    48-layer default. Adapter-only state dicts (no base layer keys) pass.
+    """
+    head = prefix + "encoder.layers."
+    present = {
+        int(key[len(head) :].split(".", 1)[0])
+        for key in state_dict
+        if key.startswith(head) and not is_adapter_key(key)
+    }
+    missing = [i for i in range(built) if i not in present]
+    if present and missing:
+        raise ValueError(
+            f"InternViT6B: the checkpoint has {len(present)} encoder layers (up to "
+            f"{max(present)}) but this model builds {built} (out_indices {tuple(out_indices)}): "
+            f"layers {missing} would keep their random init. The 448 px releases (V1-2, V1-5, "
+            "V2-5) have 45 layers: depth=45, out_indices=(11, 22, 33, 44), pretrain_size=448 "
+            "(`internvit_6b_448px` in configs/_base_/models/upernet_internvit-6b.py)"
+        )

@@ -28,7 +28,8 @@ class TimmViT(BaseModule):
 
     Position embeddings are resampled to the input's token grid on every forward (timm's
     ``dynamic_img_size``), and a checkpoint whose grid differs from ``img_size``'s is resampled
-    once at load time.
+    once at load time, both bicubically; ``pos_embed_antialias`` says whether with
+    antialiasing (timm's own ViTs: yes, as timm does).
 
     Args:
         arch: a timm VisionTransformer name, e.g. ``vit_base_patch16_224``.
@@ -40,6 +41,8 @@ class TimmViT(BaseModule):
         init_cfg: MMEngine init config, e.g. ``dict(type='Pretrained', checkpoint=...)``.
         **timm_kwargs: more ``timm.create_model`` arguments (depth=, embed_dim=, num_heads=, ...).
     """
+
+    pos_embed_antialias: bool = True
 
     def __init__(
         self,
@@ -91,6 +94,18 @@ class TimmViT(BaseModule):
     def patch_size(self) -> tuple[int, int]:
         return tuple(self.patch_embed.patch_size)
 
+    def _resample_pos_embed(
+        self, pos_embed: Tensor, new_size: tuple[int, int], old_size: tuple[int, int]
+    ) -> Tensor:
+        """Bicubic resampling of a (1, prefix + grid, C) embedding's patch grid."""
+        return resample_abs_pos_embed(
+            pos_embed,
+            new_size=new_size,
+            old_size=old_size,
+            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            antialias=self.pos_embed_antialias,
+        )
+
     def _pos_embed(self, x: Tensor) -> Tensor:
         """(B, H, W, C) patch tokens -> (B, prefix + H*W, C) with prefix and position embeddings."""
         batch, height, width, channels = x.shape
@@ -100,11 +115,8 @@ class TimmViT(BaseModule):
         ]
         if self.pos_embed is None:
             return self.pos_drop(torch.cat(prefix + [x], dim=1))
-        pos_embed = resample_abs_pos_embed(
-            self.pos_embed,
-            new_size=(height, width),
-            old_size=self.patch_embed.grid_size,
-            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+        pos_embed = self._resample_pos_embed(
+            self.pos_embed, (height, width), self.patch_embed.grid_size
         )
         if self.no_embed_class:  # position embedding covers the patches only
             x = torch.cat(prefix + [x + pos_embed], dim=1)
@@ -134,11 +146,8 @@ class TimmViT(BaseModule):
                 num_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
                 side = math.isqrt(source.shape[1] - num_prefix)
                 if side * side == source.shape[1] - num_prefix:
-                    state_dict[key] = resample_abs_pos_embed(
-                        source,
-                        new_size=self.patch_embed.grid_size,
-                        old_size=(side, side),
-                        num_prefix_tokens=num_prefix,
+                    state_dict[key] = self._resample_pos_embed(
+                        source, self.patch_embed.grid_size, (side, side)
                     )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -148,7 +157,15 @@ class InternViT300M(TimmViT):
     """InternViT-300M-448px (InternVL 2/2.5 vision tower) via timm's ``vit_intern300m_patch14_448``.
 
     Patch 14: the pyramid's strides are 3.5, 7, 14, 28 (see ``pyramid.py``).
+
+    Position embeddings are resampled as InternVL's own ``InternVisionEmbeddings`` does:
+    plain bicubic (``align_corners=False``) without antialiasing. timm's model antialiases,
+    which changes the features by 2-7% at inputs other than 448 px. With the default
+    ``img_size=448`` the stored grid is the release's, so only the forward resamples, once,
+    exactly as InternVL.
     """
+
+    pos_embed_antialias = False
 
     def __init__(
         self,

@@ -1,0 +1,6 @@
+# FLoRA paper, Table 1, BitFit: only biases train, those of the layers the other rows
+# adapt.
+_base_ = ['../_base_/experiments/oriented-rcnn-le90_convnextv2-l_fpn_8xb2-1x_dota.py']
+
+model = dict(backbone=dict(adapter={{_base_.convnextv2_bitfit}}))
+paper = dict(table='1')
