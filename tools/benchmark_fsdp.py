@@ -80,27 +80,28 @@ PRESETS = {
 
 
 def load_internvit6b() -> type[nn.Module]:
-    """The InternViT6B class from its source file, without importing mm_spectral.openmmlab
-    (which needs the OpenMMLab stack): ``pyramid.py`` and ``internvit6b.py`` are loaded as
-    a standalone package, with stand-ins for mmengine's two names where it is missing."""
+    """The InternViT6B class. Where the OpenMMLab stack is missing (the GPU machine), its
+    file is imported without running ``mm_spectral.openmmlab/__init__`` (registration):
+    the two packages above it become bare namespaces and mmengine's two names stand-ins;
+    its own imports (the torch-only core, timm, ``pyramid.py``) resolve as usual."""
     try:
         import mmengine.model  # noqa: F401
         import mmengine.registry  # noqa: F401
     except ImportError:
         _install_mmengine_stand_ins()
-    package = "_standalone_backbones"
-    if package not in sys.modules:
-        pkg = types.ModuleType(package)
-        pkg.__path__ = [str(BACKBONES)]
-        sys.modules[package] = pkg
-        for name in ("pyramid", "internvit6b"):
-            spec = importlib.util.spec_from_file_location(
-                f"{package}.{name}", BACKBONES / f"{name}.py"
-            )
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-    return sys.modules[f"{package}.internvit6b"].InternViT6B
+        import mm_spectral
+
+        for name, path in (
+            ("mm_spectral.openmmlab", BACKBONES.parent),
+            ("mm_spectral.openmmlab.backbones", BACKBONES),
+        ):
+            if name not in sys.modules:
+                package = types.ModuleType(name)
+                package.__path__ = [str(path)]
+                sys.modules[name] = package
+        mm_spectral.openmmlab = sys.modules["mm_spectral.openmmlab"]
+    module = importlib.import_module("mm_spectral.openmmlab.backbones.internvit6b")
+    return module.InternViT6B
 
 
 def _install_mmengine_stand_ins() -> None:
