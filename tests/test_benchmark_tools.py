@@ -93,12 +93,16 @@ def test_peers_benchmark_tiny_run():
 )
 def test_model_benchmark_tiny_run(preset: str, only: list[str], expected: list[str]):
     flags = ["--only", *only] if only else []
+    if preset == "maskrcnn":  # detection's varying input sizes, one batch each in turn
+        flags += ["--shapes", "64x96", "96x64"]
     out = run_tool(
         "tools/benchmark_model.py",
         *("--preset", preset, "--tiny", "--device", "cpu"),
         *("--warmup", "1", "--iters", "1", "--batch", "2", "--size", "64", *flags),
     )
     rows = table_rows(out, "training step")
+    if preset == "maskrcnn":
+        assert "2× (64×96, 96×64)" in out
     assert [row[0] for row in rows] == expected
     for row in rows:
         assert number(row[1]) > 0  # trainable parameters

@@ -102,6 +102,20 @@ def test_cuda_graph_option_wraps_the_forward_and_refuses_checkpointing():
         MODELS.build(dict(backbone_cfg(with_cp=True), adapter=LORA, cuda_graph=True))
 
 
+def test_compile_option_compiles_in_place_and_refuses_other_step_switches():
+    model = MODELS.build(dict(backbone_cfg(), adapter=LORA, compile=dict(backend="eager")))
+    assert model._compiled_call_impl is not None  # the module itself: names unchanged
+    assert model.mm_spectral_cfg["compile"] == dict(backend="eager")
+    assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+    blocks = MODELS.build(dict(backbone_cfg(), adapter=LORA,
+                               compile=dict(targets=[r"blocks\.\d+"], backend="eager")))  # fmt: skip
+    assert blocks._compiled_call_impl is None
+    assert all(block._compiled_call_impl is not None for block in blocks.blocks)
+    for clash in ("cuda_graph", "batched_spectra"):
+        with pytest.raises(ValueError, match=f"compile cannot be combined with {clash}"):
+            MODELS.build(dict(backbone_cfg(), adapter=LORA, compile=True, **{clash: True}))
+
+
 @MODELS.register_module(name="TwinLinearToy", force=True)
 class TwinLinearToy(BaseModule):
     """Two same-shape linears: one shape group for batched spectra."""
@@ -414,6 +428,24 @@ def test_resume_from_runner_checkpoint_reproduces_the_run(trained, tmp_path):
     for key, value in resumed.items():
         torch.testing.assert_close(value, original[key])
     assert not (tmp_path / "iter_3_adapter.pth").exists()  # not re-written after the resume
+
+
+def test_runner_with_compiled_backbone_trains_to_the_eager_weights(trained, tmp_path):
+    """``compile`` through tools/train.py: the traced ops (aot_eager: the same kernels, no
+    code generation) give the eager run's weights, and checkpoints keep the plain keys."""
+    config = write_config(tmp_path, "toy_compiled.py", replace={
+        "adapter=dict(type='LoRA'": "compile=dict(backend='aot_eager', fullgraph=True),\n"
+                                    "        adapter=dict(type='LoRA'"})  # fmt: skip
+    torch._dynamo.reset()
+    work = tmp_path / "work"
+    argv = [str(config), "--work-dir", str(work), "--cfg-options", unique_name()]
+    runner = load_tool("train").main(argv)
+    assert runner.model.backbone._compiled_call_impl is not None
+    compiled = load_checkpoint_file(str(work / "iter_6.pth"))["state_dict"]
+    eager = load_checkpoint_file(str(trained.work / "iter_6.pth"))["state_dict"]
+    assert compiled.keys() == eager.keys()
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, msg=key)
 
 
 def build_plain_and_adapted(trained, plain_cfg):

@@ -32,12 +32,13 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 import mm_spectral  # noqa: E402
+from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 from mm_spectral.state import atomic_write_text  # noqa: E402
 from tools import peers  # noqa: E402
-from tools.compile_blocks import compile_modules  # noqa: E402
 
 CONVNEXT_TARGETS = [
     r"stem\.0",
@@ -108,6 +109,9 @@ class Result:
     step_ms: float
     peak_gib: float
     trainable: int
+    mode: str = "eager"
+    graphs: int = 0  # compile modes: graphs dynamo made, and its graph breaks
+    graph_breaks: int = 0
 
 
 def build(spec: Backbone) -> nn.Module:
@@ -170,10 +174,11 @@ def train_step_fn(
     """One training step (forward, backward, AdamW) as a closure; the loss is the features'
     mean square, or their mean squared error to ``target`` when given.
 
-    ``mode``: 'eager'; 'compile-blocks' / 'compile-model' (torch.compile, applied by the
-    caller); 'cuda-graph' replays forward+backward as a CUDA graph captured at the first
-    step (:func:`mm_spectral.cuda_graph.enable_cuda_graph`), which removes the host's
-    per-op dispatch and so shows what the GPU itself spends. ``batched_spectra`` builds
+    ``mode``: 'eager'; 'compile-blocks' (the caller compiled the blocks); 'compile-model'
+    (torch.compile of the whole forward_features); 'cuda-graph' replays forward+backward
+    as a CUDA graph captured at the first step (:func:`mm_spectral.cuda_graph.
+    enable_cuda_graph`), which removes the host's per-op dispatch and so shows what the
+    GPU itself spends. ``batched_spectra`` builds
     all same-shape FourierFT/FoRA spectra with one FFT per step
     (:func:`mm_spectral.enable_batched_spectra`).
     """
@@ -184,8 +189,10 @@ def train_step_fn(
     device_type = x.device.type
 
     features: Callable[[torch.Tensor], torch.Tensor] = model.forward_features
-    if batched_spectra or mode == "cuda-graph":
-        features = Features(model)  # a module call: its pre-hooks run
+    if batched_spectra or mode in ("cuda-graph", "compile-model"):
+        features = Features(model)  # a module call: its pre-hooks run, compile applies
+    if mode == "compile-model":  # what AdaptedBackbone(compile=True) does for a backbone
+        compile_modules(features, None, dynamic=False)
     if batched_spectra:
         mm_spectral.enable_batched_spectra(features)
     if mode == "cuda-graph":  # what AdaptedBackbone(cuda_graph=True) does for a backbone
@@ -214,10 +221,13 @@ def train_step_fn(
 
 def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
     """Times ``model`` (already on the device, the only model there) and records its peak."""
+    if args.mode.startswith("compile"):
+        # A fresh cache per variant: each adds guards to the same code objects, and past
+        # dynamo's recompile limit a model would silently run eagerly.
+        torch._dynamo.reset()
+        counters.clear()
     if args.mode == "compile-blocks":
         compile_modules(model, spec.blocks, dynamic=False)
-    elif args.mode == "compile-model":
-        compile_modules(model, None, dynamic=False)
     x = torch.randn(spec.batch, 3, spec.size, spec.size, device=args.device)
     # Floor and adapters: gradients must flow through the whole (frozen) backbone.
     x.requires_grad_(label != "full FT")
@@ -239,7 +249,12 @@ def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
         )
         peak /= 2**30
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Result(spec.name, label + (" batched" if batched else ""), ms, peak, trainable)
+    graphs = counters["stats"].get("unique_graphs", 0)
+    breaks = sum(counters["graph_break"].values())
+    return Result(
+        spec.name, label + (" batched" if batched else ""), ms, peak, trainable, args.mode,
+        graphs, breaks,
+    )  # fmt: skip
 
 
 def profile(step: Callable[[], float], title: str, args) -> None:
@@ -424,26 +439,36 @@ def measure_peers(spec: Backbone, base: nn.Module, args) -> list[str]:
     return lines
 
 
-def print_training_table(results: list[Result], args, device_name: str) -> None:
-    print(f"\n### Training step, bf16 autocast, AdamW, {args.mode} — {device_name}\n")
-    memory = "peak reserved (GiB)" if args.mode == "cuda-graph" else "peak (GiB)"
+def print_training_table(results: list[Result], args, mode: str, device_name: str) -> None:
+    """The rows of one mode; ratios to that mode's floor and full FT, and (for other modes
+    than eager, when it ran) to eager full FT, the way OpenMMLab trains by default."""
+    rows = [r for r in results if r.mode == mode]
+    eager = [r for r in results if r.mode == "eager" and r.variant == "full FT"]
+    extra = " | × eager full FT" if eager and mode != "eager" else ""
+    print(f"\n### Training step, bf16 autocast, AdamW, {mode} — {device_name}\n")
+    memory = "peak reserved (GiB)" if mode == "cuda-graph" else "peak (GiB)"
     print(
-        f"| backbone, batch | variant | trainable | step (ms) | × floor | × full FT | {memory} "
-        "| vs floor |"
+        f"| backbone, batch | variant | trainable | step (ms) | × floor | × full FT{extra} "
+        f"| {memory} | vs floor |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        floor = next(
-            f for f in results if f.backbone == r.backbone and f.variant.startswith("floor")
-        )
-        full = next(f for f in results if f.backbone == r.backbone and f.variant == "full FT")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
+    for r in rows:
+        floor = next(f for f in rows if f.backbone == r.backbone and f.variant.startswith("floor"))
+        full = next(f for f in rows if f.backbone == r.backbone and f.variant == "full FT")
         spec = next(s for s in (TINY if args.tiny else BACKBONES) if s.name == r.backbone)
         mem = f"{100 * (r.peak_gib / floor.peak_gib - 1):+.1f}%" if floor.peak_gib else "-"
+        vs_eager = ""
+        if extra:
+            eager_full = next(f for f in eager if f.backbone == r.backbone)
+            vs_eager = f" | {r.step_ms / eager_full.step_ms:.3f}"
         print(
             f"| {r.backbone} {spec.batch}×{spec.size}² | {r.variant} | {r.trainable:,} | "
-            f"{r.step_ms:.1f} | {r.step_ms / floor.step_ms:.3f} | {r.step_ms / full.step_ms:.3f} | "
-            f"{r.peak_gib:.2f} | {mem} |"
+            f"{r.step_ms:.1f} | {r.step_ms / floor.step_ms:.3f} | {r.step_ms / full.step_ms:.3f}"
+            f"{vs_eager} | {r.peak_gib:.2f} | {mem} |"
         )
+    if mode.startswith("compile"):
+        traced = ", ".join(f"{r.variant} {r.graphs}/{r.graph_breaks}" for r in rows)
+        print(f"\ngraphs / graph breaks per variant: {traced}")
 
 
 def main() -> None:
@@ -476,12 +501,28 @@ def main() -> None:
     )
     parser.add_argument(
         "--mode",
-        default="eager",
+        nargs="+",
+        default=["eager"],
         choices=["eager", "compile-blocks", "compile-model", "cuda-graph"],
-        help="how every variant (floor and full FT too) runs its forward and backward",
+        help="how every variant (floor and full FT too) runs its forward and backward; "
+        "several modes run one after the other in one table each (the peers: the first)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="time only these adapters (names containing one of the words; floor and full FT "
+        "always run)",
     )
     args = parser.parse_args()
+    modes = args.mode
     args.adapters = TINY_ADAPTERS if args.tiny else ADAPTERS
+    if args.variants:
+        args.adapters = {
+            name: cfg
+            for name, cfg in args.adapters.items()
+            if any(w in name for w in args.variants)
+        }
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {device_name}; torch {torch.__version__}; timm {timm.__version__}", flush=True)
@@ -494,8 +535,11 @@ def main() -> None:
             continue
         torch.manual_seed(0)
         base = build(spec).train()
-        if not args.skip_training:
+        for mode in modes if not args.skip_training else []:
+            args.mode = mode
+            base.requires_grad_(True)  # full FT first, from a trainable template
             results += measure_training(spec, base, args)
+        args.mode = modes[0]
         if not args.skip_inference:
             inference_lines += inference_check(spec, base, args)
             amp_lines += amp_check(spec, base, args)
@@ -503,8 +547,8 @@ def main() -> None:
             peer_lines += measure_peers(spec, base, args)
         del base
 
-    if results:
-        print_training_table(results, args, device_name)
+    for mode in modes if results else []:
+        print_training_table(results, args, mode, device_name)
     if inference_lines:
         print(f"\n### Inference, merged vs base, bf16 — {device_name}\n")
         print(

@@ -12,6 +12,8 @@ CUDA-synchronised steps after warm-up.
     python tools/benchmark_model.py --preset vit-upernet [--cuda-graph]
     python tools/benchmark_model.py --preset internvit6b --batch 4
     python tools/benchmark_model.py --preset maskrcnn --cuda-graph   # backbone as a CUDA graph
+    python tools/benchmark_model.py --preset maskrcnn --shapes 800x1216 800x1088   # varying sizes
+    python tools/benchmark_model.py --preset vit-upernet --compile   # compile=True
     python tools/benchmark_model.py --preset maskrcnn --device cpu --tiny   # smoke run
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os.path as osp
 import statistics
 import sys
@@ -30,6 +33,7 @@ import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 import mm_spectral.openmmlab  # noqa: E402,F401  (registers the project's classes)
+from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 
 VARIANTS = {
@@ -71,35 +75,40 @@ def synthetic_seg_batch(batch: int, size: int, num_classes: int, seed: int = 0):
     return dict(inputs=inputs, data_samples=samples)
 
 
-def synthetic_batch(batch: int, size: int, num_classes: int, device: str, seed: int = 0):
-    """A packed batch as the data loader would give it: images plus boxes, labels, masks."""
+def synthetic_batch(
+    batch: int, size: int | tuple[int, int], num_classes: int, device: str, seed: int = 0
+):
+    """A packed batch as the data loader would give it: images (``size`` square or (h, w))
+    plus boxes, labels, masks."""
     from mmdet.structures import DetDataSample
     from mmdet.structures.mask import BitmapMasks
     from mmengine.structures import InstanceData
 
+    height, width = (size, size) if isinstance(size, int) else size
+    extent = torch.tensor([width, height], dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     inputs, samples = [], []
     for _ in range(batch):
-        inputs.append(torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8))
+        inputs.append(torch.randint(0, 256, (3, height, width), generator=gen, dtype=torch.uint8))
         n = 8
-        xy = torch.rand(n, 2, generator=gen) * size * 0.7
-        wh = torch.rand(n, 2, generator=gen) * size * 0.25 + 16
-        boxes = torch.cat([xy, xy + wh], 1).clamp(max=size - 1)
-        masks = torch.zeros(n, size, size, dtype=torch.uint8)
+        xy = torch.rand(n, 2, generator=gen) * extent * 0.7
+        wh = torch.rand(n, 2, generator=gen) * extent * 0.25 + 16
+        boxes = torch.minimum(torch.cat([xy, xy + wh], 1), extent.repeat(2) - 1)
+        masks = torch.zeros(n, height, width, dtype=torch.uint8)
         for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
             masks[i, y0:y1, x0:x1] = 1
         sample = DetDataSample(
             metainfo=dict(
-                img_shape=(size, size),
-                ori_shape=(size, size),
-                pad_shape=(size, size),
+                img_shape=(height, width),
+                ori_shape=(height, width),
+                pad_shape=(height, width),
                 scale_factor=(1.0, 1.0),
             )
         )
         sample.gt_instances = InstanceData(
             bboxes=boxes,
             labels=torch.randint(0, num_classes, (n,), generator=gen),
-            masks=BitmapMasks(masks.numpy(), size, size),
+            masks=BitmapMasks(masks.numpy(), height, width),
         )
         samples.append(sample)
     return dict(inputs=inputs, data_samples=samples)
@@ -138,16 +147,23 @@ def time_config(path: str, args) -> tuple[float, float, int]:
             adapter.n //= 10
     if args.cuda_graph and cfg.model.backbone.type == "AdaptedBackbone":
         cfg.model.backbone.cuda_graph = True  # the user-facing switch
+    if args.compile:
+        torch._dynamo.reset()  # a fresh cache per variant (recompile limits, old guards)
+        if cfg.model.backbone.type == "AdaptedBackbone":
+            cfg.model.backbone.compile = True  # the user-facing switch
     with torch.device(args.device):  # allocate and initialise on the device (6B: seconds)
         model = build_model(cfg).train()
     model.to(args.device)  # also tells the data preprocessor which device it is on
     if args.cuda_graph and not getattr(model.backbone, "with_cp", False):
         enable_cuda_graph(model.backbone)  # every variant alike (AdaptedBackbone: set in cfg)
+    if args.compile and cfg.model.backbone.type != "AdaptedBackbone":
+        compile_modules(model.backbone)  # full FT: the same compile of the plain backbone
     if segmentation:
-        batch = synthetic_seg_batch(args.batch, args.size, cfg.model.decode_head.num_classes)
-    else:
-        batch = synthetic_batch(args.batch, args.size, 80, args.device)
-    data = model.data_preprocessor(batch, training=True)
+        batches = [synthetic_seg_batch(args.batch, args.size, cfg.model.decode_head.num_classes)]
+    else:  # one batch per --shapes entry, used in turn (detection's varying sizes)
+        batches = [synthetic_batch(args.batch, hw, 80, args.device) for hw in args.shapes]
+    inputs = [model.data_preprocessor(batch, training=True) for batch in batches]
+    turn = itertools.count()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=1e-4, weight_decay=0.05, fused=args.device.startswith("cuda")
@@ -157,6 +173,7 @@ def time_config(path: str, args) -> tuple[float, float, int]:
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     def step() -> None:
+        data = inputs[next(turn) % len(inputs)]
         with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             losses = model(**data, mode="loss")
         loss, _ = model.parse_losses(losses)
@@ -169,7 +186,9 @@ def time_config(path: str, args) -> tuple[float, float, int]:
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
+    # Past every shape at least twice: compiling meets each shape (and recompiles with
+    # dynamic shapes at the second) during warm-up.
+    for _ in range(max(args.warmup, 2 * len(inputs) + 1 if args.compile else 0)):
         step()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -222,7 +241,23 @@ def main() -> None:
         help="replay each backbone's forward+backward as a CUDA graph (AdaptedBackbone's "
         "cuda_graph=True); the rest of the model stays eager",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each backbone (AdaptedBackbone's compile=True; full FT's plain "
+        "backbone alike); the rest of the model stays eager; warm-up covers the compiles",
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="Mask R-CNN: input sizes HxW used in turn, one batch each (e.g. 800x1216 "
+        "800x1088 736x1344: keep-ratio resizes padded to 32, as COCO's pipeline gives); "
+        "default: one square --size",
+    )
     args = parser.parse_args()
+    if args.compile and args.cuda_graph:
+        parser.error("use one of --compile and --cuda-graph")
     maskrcnn = args.preset == "maskrcnn"
     on_cpu = not args.device.startswith("cuda")
     # mmcv's CPU NMS takes float32 only: a CPU smoke run of Mask R-CNN stays in float32.
@@ -231,6 +266,11 @@ def main() -> None:
     args.size = args.size or (1024 if maskrcnn else 512)
     if args.tiny:
         args.size = min(args.size, 256 if maskrcnn else 112)
+    if args.shapes and not maskrcnn:
+        parser.error("--shapes is for --preset maskrcnn (UperNet trains on fixed crops)")
+    args.shapes = [tuple(int(v) for v in hw.split("x")) for hw in args.shapes or []] or [
+        (args.size, args.size)
+    ]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     presets = {"maskrcnn": VARIANTS, "vit-upernet": VIT_UPERNET, "internvit6b": INTERNVIT_6B}
     rows = []
@@ -241,6 +281,7 @@ def main() -> None:
         rows.append((name, ms, peak, trainable))
         print(f"{name}: {ms:.1f} ms, {peak:.2f} GiB, {trainable:,} trainable", flush=True)
     graph = ", backbone as CUDA graph" if args.cuda_graph else ""
+    graph += ", backbone compiled" if args.compile else ""
     memory = "peak reserved (GiB)" if args.cuda_graph else "peak (GiB)"
     if not maskrcnn:
         model = "ViT-L/16" if args.preset == "vit-upernet" else "InternViT-6B"
@@ -257,8 +298,9 @@ def main() -> None:
     measured = {name: (ms, peak) for name, ms, peak, _ in rows}
     floor_ms, floor_peak = measured.get("floor (Base, frozen)", (None, None))
     full_ms, _ = measured.get("full FT", (None, None))
+    sizes = ", ".join(f"{h}×{w}" for h, w in args.shapes)
     print(
-        f"\n### Mask R-CNN ConvNeXt-V2-L training step, {args.batch}×{args.size}², "
+        f"\n### Mask R-CNN ConvNeXt-V2-L training step, {args.batch}× ({sizes}), "
         f"{args.dtype} autocast, AdamW{graph} — {device_name}\n"
     )
     print(f"| variant | trainable | step (ms) | × floor | × full FT | {memory} | vs floor |")

@@ -81,7 +81,8 @@ class FourierFT(BaseAdapter):
         )
 
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
-        if self.spec.kind == "linear" and OPTIONS.fourier_grad == "sampled":
+        sampled = OPTIONS.fourier_grad == "sampled" and not torch.compiler.is_compiling()
+        if self.spec.kind == "linear" and sampled:
             from .fourier_linear import spectral_delta_linear
 
             return spectral_delta_linear(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 _STASH = "_prebuilt_stash"
@@ -26,7 +27,13 @@ def stash(adapter: nn.Module, value: Any) -> None:
 
 
 def take_stash(adapter: nn.Module) -> Any | None:
-    """The result handed to ``adapter`` (once), or None if there is none or it is stale."""
+    """The result handed to ``adapter`` (once), or None if there is none or it is stale.
+
+    None while ``torch.compile`` traces: a compiled model builds its own spectra (batched
+    builds are refused with compile), and a dict pop would break the traced graph.
+    """
+    if torch.compiler.is_compiling():
+        return None
     entry = adapter.__dict__.pop(_STASH, None)
     if entry is None:
         return None

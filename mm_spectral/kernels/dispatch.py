@@ -18,6 +18,9 @@ ms for the torch path, but 2.15 / 1.83 ms eagerly against 1.35 / 0.97 ms.
 - ``off``: never;
 - ``force``: whenever Triton can run at all, any device or dtype (the tests run the
   kernels in Triton's CPU interpreter in float32 this way).
+
+Never while ``torch.compile`` traces (``mm_spectral.compile``): the compiler generates its
+own fused kernels from the torch path.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def use_fused_low_rank(x2: Tensor, weight: Tensor, up: Tensor) -> bool:
 
     All operands are already in the compute dtype; ``x2`` is 2-D (tokens × in-features).
     """
-    if _mode == "off":
+    if _mode == "off" or torch.compiler.is_compiling():  # the compiler makes its own kernels
         return False
     if _mode == "force":
         return triton_available()

@@ -15,6 +15,7 @@ from mmengine.registry import MODELS, Registry
 from torch import nn
 
 from ..adapters.batched_spectra import enable_batched_spectra
+from ..compile import compile_modules
 from ..cuda_graph import enable_cuda_graph
 from ..distributed import clean_name
 from ..inject import cast_frozen, freeze, inject
@@ -31,6 +32,7 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
     frozen_dtype: str | None = None,
     cuda_graph: bool | dict = False,
     batched_spectra: bool = False,
+    compile: bool | dict = False,  # noqa: A002  (the config key users write)
 ) -> nn.Module:
     """Build ``backbone``, inject ``adapter`` (targets: regexes over its module names).
 
@@ -51,6 +53,13 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
             layers with one FFT per forward (:func:`mm_spectral.enable_batched_spectra`)
             instead of one per layer: fewer host ops for eager training with variable input
             sizes (detection). Not with ``cuda_graph`` (the graph replays its own builds).
+        compile: True, or ``dict(targets=[regexes], **torch.compile kwargs)``, to run the
+            backbone (or the modules ``targets`` names, e.g. its blocks) through
+            ``torch.compile`` (:func:`mm_spectral.compile.compile_modules`): the adapters'
+            small ops fuse into few kernels, for any input shape (shapes that vary, as in
+            detection, recompile once with dynamic shapes). Names and checkpoints are
+            unchanged. The first iterations compile (tens of seconds). Not with
+            ``cuda_graph`` or ``batched_spectra``.
 
     Returns:
         The inner backbone itself, with ``mm_spectral_cfg`` recording what was done.
@@ -71,6 +80,16 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
                 "CUDA graph; use one of batched_spectra and cuda_graph"
             )
         enable_batched_spectra(inner)
+    if compile:
+        switches = dict(cuda_graph=cuda_graph, batched_spectra=batched_spectra)
+        clash = [name for name, on in switches.items() if on]
+        if clash:
+            raise ValueError(
+                f"compile cannot be combined with {clash[0]}: torch.compile already removes the "
+                "per-op host cost they address; use one of them"
+            )
+        options = dict(compile) if isinstance(compile, dict) else {}
+        compile_modules(inner, options.pop("targets", None), **options)
     if cuda_graph:
         if getattr(inner, "with_cp", False):
             raise ValueError("cuda_graph=True cannot capture activation checkpointing (with_cp)")
@@ -82,6 +101,7 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
         frozen_dtype=frozen_dtype,
         cuda_graph=bool(cuda_graph),
         batched_spectra=batched_spectra,
+        compile=plain_types(compile),
     )
     setattr(inner, ADAPTER_CFG_ATTR, record)
     if hasattr(type(inner), "init_weights"):
