@@ -56,10 +56,11 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
         compile: True, or ``dict(targets=[regexes], **torch.compile kwargs)``, to run the
             backbone (or the modules ``targets`` names, e.g. its blocks) through
             ``torch.compile`` (:func:`mm_spectral.compile.compile_modules`): the adapters'
-            small ops fuse into few kernels, for any input shape (shapes that vary, as in
-            detection, recompile once with dynamic shapes). Names and checkpoints are
-            unchanged. The first iterations compile (tens of seconds). Not with
-            ``cuda_graph`` or ``batched_spectra``.
+            small ops fuse into few kernels. Meant for fixed input sizes: a new size
+            recompiles (with dynamic shapes from the second), which torch 2.14's inductor
+            fails to do for ConvNeXt-V2 on a CPU, plain backbone alike. Names and
+            checkpoints are unchanged. The first iterations compile (tens of seconds).
+            Not with ``cuda_graph`` or ``batched_spectra``.
 
     Returns:
         The inner backbone itself, with ``mm_spectral_cfg`` recording what was done.
