@@ -488,3 +488,44 @@ def test_dora_row_norms_without_forming_delta_equal_the_explicit_norms(shape, dt
     got = low_rank_row_norms(weight, down, up, scale)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_base_row_norms_are_computed_once_per_base_weight(monkeypatch):
+    """‖W0ᵢ‖² of the frozen base is cached by storage and version: reused across steps,
+    recomputed after every in-place write (a new base loaded, merge / unmerge), and the
+    outputs always equal those of a freshly computed norm."""
+    from mm_spectral.adapters import dora
+
+    calls = []
+    row_squares = dora.row_squares
+    monkeypatch.setattr(dora, "row_squares", lambda w: calls.append(1) or row_squares(w))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6))
+    mm_spectral.inject(model, dict(type="DoRA", rank=2, targets=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        layer.adapter.lora_B.normal_()
+    x = torch.randn(4, 10)
+
+    def fresh() -> torch.Tensor:  # the same forward with the cache dropped
+        layer.adapter.__dict__.pop("_base_squares_cache", None)
+        return model(x)
+
+    first = model(x)
+    model(x).sum().backward()
+    assert len(calls) == 1
+    torch.testing.assert_close(first, fresh(), rtol=0, atol=0)
+    calls.clear()
+    model.load_state_dict({"0.weight": torch.randn(6, 10)}, strict=False)  # a new base
+    after_load = model(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(after_load, fresh(), rtol=0, atol=0)
+    mm_spectral.merge(model)
+    mm_spectral.unmerge(model)
+    calls.clear()
+    torch.testing.assert_close(model(x), after_load, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 1  # unmerge wrote the weight: recomputed
+    layer.weight.requires_grad_(True)  # a trainable base is never cached
+    calls.clear()
+    model(x), model(x)
+    assert len(calls) == 2

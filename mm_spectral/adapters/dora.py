@@ -19,21 +19,33 @@ def channel_norm(weight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def low_rank_row_norms(weight: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
+def low_rank_row_norms(
+    weight: Tensor, down: Tensor, up: Tensor, scale: float, base_squares: Tensor | None = None
+) -> Tensor:
     """‖W0 + scale · up @ down‖_c per output channel, in float32, without forming the sum.
 
-    ‖W0ᵢ + sΔᵢ‖² = ‖W0ᵢ‖² + 2s·upᵢ·(down W0ᵢᵀ) + s²·upᵢ (down downᵀ) upᵢᵀ: two passes
-    over W0 (a row-norm reduction and an (out, r) product) instead of writing and reading
-    weight-sized ΔW and W0 + ΔW. Cancellation is harmless while ΔW stays small against W0
-    (float32 keeps ~7 digits of ‖W0ᵢ‖²); the result is clamped at zero.
+    ‖W0ᵢ + sΔᵢ‖² = ‖W0ᵢ‖² + upᵢ · (2s·(down W0ᵢᵀ) + s²·(down downᵀ) upᵢᵀ): one thin
+    product with W0 and an r × r Gram matrix instead of writing and reading weight-sized ΔW
+    and W0 + ΔW, in few ops (each costs the host more than its arithmetic on a GPU).
+    ``base_squares`` (‖W0ᵢ‖², see :func:`row_squares`) may be passed when known: W0 is
+    frozen. Cancellation is harmless while ΔW stays small against W0 (float32 keeps ~7
+    digits of ‖W0ᵢ‖²); the result is clamped at zero.
     """
     w = weight.reshape(weight.shape[0], -1)
     a, b = down.float(), up.float()
-    base = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+    if base_squares is None:
+        base_squares = row_squares(weight)
     cross = torch.mm(w.to(a.dtype) if w.dtype != a.dtype else w, a.t())  # (out, r)
-    gram = torch.mm(a, a.t())  # (r, r)
-    squares = base + (2.0 * scale) * (b * cross).sum(1) + scale**2 * (torch.mm(b, gram) * b).sum(1)
+    mixed = torch.addmm(cross, b, torch.mm(a, a.t()), beta=2.0 * scale, alpha=scale**2)
+    squares = (b * mixed).sum(1).add_(base_squares)
     return squares.clamp_min_(0.0).sqrt_()
+
+
+@torch.no_grad()
+def row_squares(weight: Tensor) -> Tensor:
+    """‖Wᵢ‖² per output channel, in float32."""
+    w = weight.reshape(weight.shape[0], -1)
+    return torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square_()
 
 
 def _per_row(values: Tensor, weight: Tensor) -> Tensor:
@@ -91,6 +103,21 @@ class DoRA(LoRA):
         if f"{prefix}magnitude" in state_dict:
             self.magnitude_loaded = True
 
+    def _base_squares(self, weight: Tensor) -> Tensor | None:
+        """‖W0ᵢ‖², computed once per state of the frozen base weight (its storage and
+        version counter, which every in-place write such as a checkpoint load or a merge
+        bumps). None for a trainable base, and while a graph is traced or captured: the
+        graph computes it itself, so it never holds a value computed outside it."""
+        capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
+        if weight.requires_grad or torch.compiler.is_compiling() or capturing:
+            return None
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
+        cached = self.__dict__.get("_base_squares_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, row_squares(weight))
+            self.__dict__["_base_squares_cache"] = cached
+        return cached[1]
+
     def _wide(self, weight: Tensor) -> torch.dtype:
         return torch.promote_types(weight.dtype, self.magnitude.dtype)
 
@@ -108,7 +135,8 @@ class DoRA(LoRA):
             scale = self._scale(channel_norm(direction.detach()))
             return layer_op(layer, x, direction * _per_row(scale, layer.weight), layer.bias)
         down, up, s = self.low_rank_factors()
-        scale = self._scale(low_rank_row_norms(layer.weight, down, up, s))
+        norms = low_rank_row_norms(layer.weight, down, up, s, self._base_squares(layer.weight))
+        scale = self._scale(norms)
         out = self.factored_forward(x, layer, None)
         # Output channels are the last axis of a linear's output, axis 1 of a conv's.
         shape = (-1,) if self.spec.kind == "linear" else (-1, 1, 1)
