@@ -106,11 +106,15 @@ class DoRA(LoRA):
     def _base_squares(self, weight: Tensor) -> Tensor | None:
         """‖W0ᵢ‖², computed once per state of the frozen base weight (its storage and
         version counter, which every in-place write such as a checkpoint load or a merge
-        bumps). None for a trainable base, and while a graph is traced or captured: the
-        graph computes it itself, so it never holds a value computed outside it."""
-        capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
-        if weight.requires_grad or torch.compiler.is_compiling() or capturing:
+        bumps). None for a trainable base, while a graph is traced or captured (the graph
+        computes it itself, so it never holds a value computed outside it), and off the
+        default CUDA stream (a cached tensor must not cross streams)."""
+        if weight.requires_grad or torch.compiler.is_compiling():
             return None
+        if weight.is_cuda:
+            device = weight.device
+            if torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
+                return None  # side streams: CUDA-graph warm-up and capture among them
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
         cached = self.__dict__.get("_base_squares_cache")
         if cached is None or cached[0] != key:
