@@ -176,10 +176,10 @@ def train_step_fn(
 
     ``mode``: 'eager'; 'compile-blocks' (the caller compiled the blocks); 'compile-model'
     (torch.compile of the whole forward_features); 'cuda-graph' replays forward+backward
-    as a CUDA graph captured at the first step (:func:`mm_spectral.cuda_graph.
-    enable_cuda_graph`), which removes the host's per-op dispatch and so shows what the
-    GPU itself spends. ``batched_spectra`` builds
-    all same-shape FourierFT/FoRA spectra with one FFT per step
+    as a CUDA graph captured at the first step
+    (:func:`mm_spectral.cuda_graph.enable_cuda_graph`), which removes the host's per-op
+    dispatch and so shows what the GPU itself spends. ``batched_spectra`` builds all
+    same-shape FourierFT/FoRA spectra with one FFT per step
     (:func:`mm_spectral.enable_batched_spectra`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
