@@ -11,7 +11,7 @@ import sys
 from .adapters import ADAPTERS, BitFit, DoRA, FLoRA, FoRA, FourierFT, LoRA, register_adapter
 from .adapters.batched_spectra import enable_batched_spectra
 from .delta_stats import delta_stats
-from .inject import freeze, inject, merge, remove_adapters, reset_from_base, unmerge
+from .inject import cast_frozen, freeze, inject, merge, remove_adapters, reset_from_base, unmerge
 from .report import parameter_counts, trainable_report
 from .state import (
     adapted_layers,
@@ -41,6 +41,7 @@ __all__ = [
     "adapted_layers",
     "adapter_state_dict",
     "atomic_save",
+    "cast_frozen",
     "delta_stats",
     "enable_batched_spectra",
     "freeze",

@@ -20,7 +20,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repos
 
 import torch  # noqa: E402
 
-from mm_spectral.adapters.functional import low_rank_linear  # noqa: E402
+from mm_spectral.adapters.functional import (  # noqa: E402
+    low_rank_linear,
+    rescaled_low_rank_linear,
+)
 from mm_spectral.kernels import set_fused_low_rank_mode  # noqa: E402
 from mm_spectral.kernels.dispatch import OPTIONS  # noqa: E402
 
@@ -234,6 +237,122 @@ def check_spectral() -> None:
             tol = 3e-2 if bf16 else (3e-3 if DEVICE == "cuda" else 1e-5)
             err = (got.double() - want).abs().max() / want.abs().max()
             assert err < tol, f"spectral grad {(t, o, i, n)} bf16={bf16}: rel. error {err:.2e}"
+
+
+def _dora_reference(x, w, b, down, up, magnitude, scale):
+    """DoRA's linear composed in plain torch: W' = m ⊙ (W + sBA) / ‖W + sBA‖_c (detached)."""
+    direction = w + scale * up @ down
+    channel = magnitude / direction.detach().norm(dim=1)
+    return torch.nn.functional.linear(x, direction * channel[:, None], b)
+
+
+def _dora_inputs(shape, k, n, with_bias, train_weight):
+    x = randn(*shape, k).requires_grad_()
+    w = randn(n, k).requires_grad_(train_weight)
+    b = randn(n).requires_grad_() if with_bias else None
+    down, up = randn(R, k).requires_grad_(), randn(n, R).requires_grad_()
+    magnitude = (randn(n).abs() + 0.5).requires_grad_()
+    return x, w, b, down, up, magnitude
+
+
+def _dora_grads(inputs, grad_out, mode: str | None):
+    """Output and input gradients of the DoRA node (``mode``: fused-kernel mode) or, for
+    None, of the composed reference."""
+    inputs = [
+        None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs
+    ]
+    x, w, b, down, up, magnitude = inputs
+    if mode is None:
+        y = _dora_reference(x, w, b, down, up, magnitude, SCALE)
+    else:
+        previous = set_fused_low_rank_mode(mode)
+        try:
+            direction = (w + SCALE * up @ down).detach()
+            inv_norm = 1 / direction.float().norm(dim=1)
+            y = rescaled_low_rank_linear(x, w, b, down, up, SCALE, magnitude, inv_norm)
+        finally:
+            set_fused_low_rank_mode(previous)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return y.detach(), torch.autograd.grad(y, wanted, grad_out)
+
+
+@check
+def check_rescaled() -> None:
+    """DoRA's one-node linear: fused kernels ('force') and torch path ('off') both equal
+    the composed reference (values and every gradient, magnitude included)."""
+    cases = [
+        ((M,), True, False, "triton"),
+        ((3, 13), False, True, "cublas"),
+        ((M,), True, True, "cublas"),
+    ]
+    for shape, with_bias, train_weight, strategy in cases:
+        OPTIONS.strategy = strategy
+        inputs = _dora_inputs(shape, K, N, with_bias, train_weight)
+        grad_out = randn(*shape, N)
+        y_ref, grads_ref = _dora_grads(inputs, grad_out, None)
+        for mode in ("force", "off"):
+            y, grads = _dora_grads(inputs, grad_out, mode)
+            what = f"DoRA {shape} bias={with_bias} train_w={train_weight} {strategy} {mode}"
+            close(y, y_ref, what + " y")
+            assert len(grads) == len(grads_ref) == 4 + with_bias + train_weight, what
+            for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+                close(g, g_ref, f"{what} grad {i}")
+    OPTIONS.strategy = "cublas"
+
+
+@check
+def check_autocast() -> None:
+    """LoRA and DoRA linears under bf16 autocast (the torch path, and on a GPU the fused
+    kernels too): float32 gradients for the float32 factors, equal to the float32
+    reference to bf16 precision."""
+    global DTYPE
+    k, n, tokens = 128, 192, 256
+    modes = ("off", "on") if DEVICE == "cuda" else ("off",)
+    DTYPE = torch.float32
+    inputs = _dora_inputs((tokens,), k, n, True, False)
+    grad_out = randn(tokens, n)
+    x, w, b, down, up, magnitude = inputs
+    for method in ("LoRA", "DoRA"):
+        if method == "LoRA":
+            ref_in = [
+                t.detach().clone().requires_grad_(t.requires_grad) for t in (x, w, b, down, up)
+            ]
+            y_ref = torch.nn.functional.linear(
+                ref_in[0], ref_in[1] + SCALE * ref_in[4] @ ref_in[3], ref_in[2]
+            )
+            grads_ref = torch.autograd.grad(
+                y_ref, [ref_in[0], ref_in[2], ref_in[3], ref_in[4]], grad_out
+            )
+        else:
+            _, grads_ref = _dora_grads(inputs, grad_out, None)
+        for mode in modes:
+            previous = set_fused_low_rank_mode(mode)
+            try:
+                run = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+                with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                    if method == "LoRA":
+                        y = low_rank_linear(*run[:5], SCALE)
+                    else:
+                        direction = (run[1] + SCALE * run[4] @ run[3]).detach()
+                        inv_norm = 1 / direction.norm(dim=1)
+                        y = rescaled_low_rank_linear(*run[:5], SCALE, run[5], inv_norm)
+                used = run[:5] if method == "LoRA" else run
+                wanted = [t for t in used if t.requires_grad]
+                grads = torch.autograd.grad(y, wanted, grad_out.to(y.dtype))
+            finally:
+                set_fused_low_rank_mode(previous)
+            assert y.dtype == torch.bfloat16
+            for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+                what = f"{method} autocast {mode} grad {i}"
+                assert g.dtype == wanted[i].dtype, f"{what}: {g.dtype}"
+                scale = g_ref.abs().max().item()
+                torch.testing.assert_close(
+                    g.float(),
+                    g_ref,
+                    rtol=3e-2,
+                    atol=3e-2 * scale,
+                    msg=lambda m, w=what: f"{w}: {m}",
+                )
 
 
 def main(names: list[str]) -> int:

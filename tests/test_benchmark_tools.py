@@ -107,3 +107,26 @@ def test_model_benchmark_tiny_run(preset: str, only: list[str], expected: list[s
     for row in rows:
         assert number(row[1]) > 0  # trainable parameters
         assert number(row[2]) > 0  # step time
+
+
+def test_benchmark_variants_store_frozen_weights_in_the_asked_dtype():
+    """--frozen-dtype: floor and adapters hold frozen weights in bf16 (as AdaptedBackbone's
+    frozen_dtype), full FT keeps float32 masters, and a bf16-autocast step runs."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from tools import benchmark
+
+    spec = next(s for s in benchmark.TINY if s.name == "ViT-tiny")
+    base = benchmark.build(spec)
+    full = benchmark.variant(base, spec, None, "cpu", "bfloat16")
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    base.requires_grad_(False)
+    for cfg in (None, benchmark.TINY_ADAPTERS["DoRA r16"]):
+        model = benchmark.variant(base, spec, cfg, "cpu", "bfloat16")
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in trainable) and bool(trainable) == bool(cfg)
+        x = torch.randn(1, 3, spec.size, spec.size, requires_grad=True)
+        loss = benchmark.train_step_fn(model, x, torch.bfloat16)()
+        assert math.isfinite(loss)

@@ -70,7 +70,9 @@ def run_python(*args: str, interpret: bool, timeout: int = 300) -> str:
 # --- Triton kernels: interpreted on the CPU, compiled on a GPU --------------------------------
 
 
-CHECK_GROUPS = ["forward", "backward", "passes", "cublas", "linear", "spectral"]
+CHECK_GROUPS = [
+    "forward", "backward", "passes", "cublas", "linear", "spectral", "rescaled", "autocast",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

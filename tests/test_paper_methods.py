@@ -168,6 +168,45 @@ def test_dora_gradient_drops_only_the_norm_gradient():
     assert any(not torch.allclose(d, f, rtol=1e-3) for d, f in zip(grads[True], grads[False]))
 
 
+def test_dora_linear_node_gives_every_gradient_of_the_detached_norm_reference():
+    """The one-node DoRA linear (3-D tokens, trainable base and bias): output and the
+    gradients of x, W0, b, A, B and m equal float64 autograd through W' with the norm
+    detached."""
+    torch.manual_seed(0)
+    model = one_layer(nn.Linear(12, 8), dict(type="DoRA", rank=3, alpha=6))
+    layer = model.layer
+    randomize_adapter(layer.adapter)
+    layer.weight.requires_grad_(True)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    inputs = [x, layer.weight, layer.bias, *layer.adapter.parameters()]
+    out = model(x)
+    got = torch.autograd.grad(out.square().sum(), inputs)
+    x64 = x.detach().double().requires_grad_(True)
+    weight, bias = reference_layer(layer, detach_norm=True)
+    expected_out = torch.nn.functional.linear(x64, weight, bias)
+    expected = torch.autograd.grad(expected_out.square().sum(), [x64, *inputs[1:]])
+    torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_dora_linear_node_under_bf16_autocast_matches_float32_to_bf16_tolerance():
+    torch.manual_seed(0)
+    model = one_layer(nn.Linear(32, 16), dict(type="DoRA", rank=4))
+    randomize_adapter(model.layer.adapter)
+    x = torch.randn(64, 32)
+    params = list(model.layer.adapter.parameters())
+    reference = torch.autograd.grad(model(x).square().sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    got = torch.autograd.grad(out.float().square().sum(), params)
+    for g, r in zip(got, reference):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-2 * r.abs().max().item())
+
+
 # ----------------------------------------------------------------------------- BitFit
 
 
@@ -476,7 +515,7 @@ def test_merged_model_loads_into_the_plain_model(cfg):
 @pytest.mark.parametrize("shape", [(12, 20), (6, 4, 3, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dora_row_norms_without_forming_delta_equal_the_explicit_norms(shape, dtype):
-    from mm_spectral.adapters.dora import low_rank_row_norms
+    from mm_spectral.adapters.dora import low_rank_inverse_norms, low_rank_row_norms
 
     torch.manual_seed(0)
     weight = torch.randn(shape).to(dtype)
@@ -488,6 +527,15 @@ def test_dora_row_norms_without_forming_delta_equal_the_explicit_norms(shape, dt
     got = low_rank_row_norms(weight, down, up, scale)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), explicit, rtol=1e-5, atol=1e-5)
+    inverse = low_rank_inverse_norms(weight, down, up, scale)
+    torch.testing.assert_close(inverse.double(), 1 / explicit, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_inverse_norm_of_a_zero_row_is_finite():
+    from mm_spectral.adapters.dora import low_rank_inverse_norms
+
+    weight, down, up = torch.zeros(3, 4), torch.randn(2, 4), torch.zeros(3, 2)
+    assert torch.isfinite(low_rank_inverse_norms(weight, down, up, 1.0)).all()
 
 
 def test_dora_base_row_norms_are_computed_once_per_base_weight(monkeypatch):

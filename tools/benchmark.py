@@ -286,12 +286,17 @@ def profile(step: Callable[[], float], title: str, args) -> None:
     print(f"\n#### profile: {title} (3 steps)\n{table}", flush=True)
 
 
-def variant(base: nn.Module, spec: Backbone, cfg: dict | None, device: str) -> nn.Module:
+def variant(
+    base: nn.Module, spec: Backbone, cfg: dict | None, device: str, frozen_dtype: str | None = None
+) -> nn.Module:
     """A device copy of the CPU template: adapted with ``cfg`` (backbone frozen), or, for
-    ``cfg`` None, the plain model whose trainability the template has."""
+    ``cfg`` None, the plain model whose trainability the template has. ``frozen_dtype``
+    stores its frozen parameters in that dtype, as ``AdaptedBackbone(frozen_dtype=...)``."""
     model = copy.deepcopy(base)
     if cfg is not None:
         mm_spectral.inject(model, dict(cfg, targets=spec.targets))
+    if frozen_dtype is not None:
+        mm_spectral.cast_frozen(model, getattr(torch, frozen_dtype))
     return model.to(device)
 
 
@@ -398,16 +403,20 @@ def amp_check(spec: Backbone, base: nn.Module, args) -> list[str]:
 
 def measure_training(spec: Backbone, base: nn.Module, args) -> list[Result]:
     """Full FT, the floor and every adapter, one model on the device at a time."""
-    results = [measure(spec, "full FT", variant(base, spec, None, args.device), args)]
+
+    def on_device(cfg: dict | None) -> nn.Module:
+        return variant(base, spec, cfg, args.device, args.frozen_dtype)
+
+    results = [measure(spec, "full FT", on_device(None), args)]
     print(results[-1], flush=True)
     release(args.device)
     for p in base.parameters():
         p.requires_grad_(False)
-    results.append(measure(spec, "floor (frozen)", variant(base, spec, None, args.device), args))
+    results.append(measure(spec, "floor (frozen)", on_device(None), args))
     print(results[-1], flush=True)
     release(args.device)
     for name, cfg in args.adapters.items():
-        results.append(measure(spec, name, variant(base, spec, cfg, args.device), args))
+        results.append(measure(spec, name, on_device(cfg), args))
         print(results[-1], flush=True)
         release(args.device)
     return results
@@ -418,11 +427,18 @@ def measure_peers(spec: Backbone, base: nn.Module, args) -> list[str]:
     for p in base.parameters():
         p.requires_grad_(False)
     lines = []
+
+    def frozen_cast(model: nn.Module) -> nn.Module:  # both sides alike
+        if args.frozen_dtype is not None:
+            mm_spectral.cast_frozen(model, getattr(torch, args.frozen_dtype))
+        return model
+
     for pair in peers.peer_pairs(spec.name, base, args.tiny):
-        mine = measure(spec, pair.label, peers.ours(base, pair, args.device), args)
+        mine = measure(spec, pair.label, frozen_cast(peers.ours(base, pair, args.device)), args)
         release(args.device)
         try:
-            other = measure(spec, pair.label, peers.theirs(base, pair, args.device), args)
+            theirs = frozen_cast(peers.theirs(base, pair, args.device))
+            other = measure(spec, pair.label, theirs, args)
             cells = (
                 f"{other.step_ms:.1f}",
                 f"{other.step_ms / mine.step_ms:.2f}x",
@@ -445,7 +461,8 @@ def print_training_table(results: list[Result], args, mode: str, device_name: st
     rows = [r for r in results if r.mode == mode]
     eager = [r for r in results if r.mode == "eager" and r.variant == "full FT"]
     extra = " | × eager full FT" if eager and mode != "eager" else ""
-    print(f"\n### Training step, bf16 autocast, AdamW, {mode} — {device_name}\n")
+    frozen = f", frozen weights {args.frozen_dtype}" if args.frozen_dtype else ""
+    print(f"\n### Training step, bf16 autocast, AdamW{frozen}, {mode} — {device_name}\n")
     memory = "peak reserved (GiB)" if mode == "cuda-graph" else "peak (GiB)"
     print(
         f"| backbone, batch | variant | trainable | step (ms) | × floor | × full FT{extra} "
@@ -490,6 +507,13 @@ def main() -> None:
         help="profile variants whose name contains one of these words",
     )
     parser.add_argument("--profile-rows", type=int, default=12)
+    parser.add_argument(
+        "--frozen-dtype",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="store frozen parameters (floor, adapters) in this dtype, as "
+        "AdaptedBackbone(frozen_dtype=...); full FT keeps float32 masters",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(
         "--peers", action="store_true", help="also time HF peft's LoRA and FourierFT (needs peft)"

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import LayerSpec, layer_op, register_adapter
+from .functional import _as, rescaled_low_rank_linear
 from .lora import LoRA
 
 
@@ -22,23 +23,46 @@ def channel_norm(weight: Tensor) -> Tensor:
 def low_rank_row_norms(
     weight: Tensor, down: Tensor, up: Tensor, scale: float, base_squares: Tensor | None = None
 ) -> Tensor:
-    """‖W0 + scale · up @ down‖_c per output channel, in float32, without forming the sum.
+    """‖W0 + scale · up @ down‖_c per output channel, in float32, without forming the sum
+    (see :func:`low_rank_row_squares`)."""
+    squares = low_rank_row_squares(weight, down, up, scale, base_squares)
+    return squares.clamp_min_(0.0).sqrt_()
+
+
+@torch.no_grad()
+def low_rank_inverse_norms(
+    weight: Tensor, down: Tensor, up: Tensor, scale: float, base_squares: Tensor | None = None
+) -> Tensor:
+    """1 / ‖W0 + scale · up @ down‖_c in float32, finite for a zero row (its square is
+    clamped at float32's smallest normal number): two ops past the squares."""
+    squares = low_rank_row_squares(weight, down, up, scale, base_squares)
+    return squares.clamp_min_(torch.finfo(torch.float32).tiny).rsqrt_()
+
+
+@torch.no_grad()
+def low_rank_row_squares(
+    weight: Tensor, down: Tensor, up: Tensor, scale: float, base_squares: Tensor | None = None
+) -> Tensor:
+    """‖W0 + scale · up @ down‖²_c per output channel, in float32, without forming the sum.
 
     ‖W0ᵢ + sΔᵢ‖² = ‖W0ᵢ‖² + upᵢ · (2s·(down W0ᵢᵀ) + s²·(down downᵀ) upᵢᵀ): one thin
     product with W0 and an r × r Gram matrix instead of writing and reading weight-sized ΔW
     and W0 + ΔW, in few ops (each costs the host more than its arithmetic on a GPU).
     ``base_squares`` (‖W0ᵢ‖², see :func:`row_squares`) may be passed when known: W0 is
     frozen. Cancellation is harmless while ΔW stays small against W0 (float32 keeps ~7
-    digits of ‖W0ᵢ‖²); the result is clamped at zero.
+    digits of ‖W0ᵢ‖²); callers clamp the result at zero.
     """
     w = weight.reshape(weight.shape[0], -1)
-    a, b = down.float(), up.float()
+    a, b = _as(down, torch.float32), _as(up, torch.float32)
     if base_squares is None:
         base_squares = row_squares(weight)
     cross = torch.mm(w.to(a.dtype) if w.dtype != a.dtype else w, a.t())  # (out, r)
     mixed = torch.addmm(cross, b, torch.mm(a, a.t()), beta=2.0 * scale, alpha=scale**2)
-    squares = (b * mixed).sum(1).add_(base_squares)
-    return squares.clamp_min_(0.0).sqrt_()
+    # ‖W0ᵢ‖² + bᵢ · mixedᵢ for every row i at once: one batched (1 × r)·(r × 1) product.
+    rows = b.shape[0]
+    return torch.baddbmm(
+        base_squares.view(rows, 1, 1), b.view(rows, 1, -1), mixed.view(rows, -1, 1)
+    ).view(rows)
 
 
 @torch.no_grad()
@@ -139,15 +163,19 @@ class DoRA(LoRA):
             scale = self._scale(channel_norm(direction.detach()))
             return layer_op(layer, x, direction * _per_row(scale, layer.weight), layer.bias)
         down, up, s = self.low_rank_factors()
-        norms = low_rank_row_norms(layer.weight, down, up, s, self._base_squares(layer.weight))
-        scale = self._scale(norms)
+        base_squares = self._base_squares(layer.weight)
+        if self.spec.kind == "linear":  # one autograd node (adapters.functional)
+            inv_norms = low_rank_inverse_norms(layer.weight, down, up, s, base_squares)
+            return rescaled_low_rank_linear(
+                x, layer.weight, layer.bias, down, up, s, self.magnitude, inv_norms
+            )
+        scale = self._scale(low_rank_row_norms(layer.weight, down, up, s, base_squares))
         out = self.factored_forward(x, layer, None)
-        # Output channels are the last axis of a linear's output, axis 1 of a conv's.
-        shape = (-1,) if self.spec.kind == "linear" else (-1, 1, 1)
-        scale = scale.to(out.dtype).view(shape)
+        # Output channels are axis 1 of a conv's output.
+        scale = scale.to(out.dtype).view(-1, 1, 1)
         if layer.bias is None:
             return out * scale
-        return torch.addcmul(layer.bias.to(out.dtype).view(shape), out, scale)
+        return torch.addcmul(layer.bias.to(out.dtype).view(-1, 1, 1), out, scale)
 
     def merged_weight(self, weight: Tensor) -> tuple[Tensor, Any]:
         direction = self._direction(weight)

@@ -5,11 +5,13 @@ adds, thin matmuls) of a composed forward. On a GPU the host's per-op dispatch c
 (tens of µs), not the arithmetic, sets the step time of a ViT with adapters on every
 linear, so these functions issue as few ops as they can: no no-op casts or reshapes, no
 autocast context switches (operands are cast once to the autocast dtype, as autocast
-would cast F.linear's), and gradients are returned in the compute dtype (the autograd
-engine casts them to each input's dtype in C++).
+would cast F.linear's), and the factors' gradients leave cuBLAS in the parameters' dtype
+where it can write it (no cast op after; elsewhere the autograd engine casts in C++).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ from ..kernels.dispatch import (
     fused_low_rank_forward,
     use_fused_low_rank,
 )
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -39,59 +43,131 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
+@functools.cache
+def _mm_has_out_dtype() -> bool:
+    """Whether this torch has ``mm(a, b, out_dtype)`` (CUDA: float32 out of half inputs)."""
+    return any(
+        s.overload_name == "dtype" for s in torch._C._jit_get_schemas_for_operator("aten::mm")
+    )
+
+
+def factor_grad(a: Tensor, b: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``scale · a b`` for a parameter of ``dtype``: on CUDA, half inputs and a float32
+    parameter, cuBLAS writes float32 itself (one op instead of a GEMM and a cast)."""
+    if (
+        dtype == torch.float32
+        and a.dtype in _HALF
+        and a.is_cuda
+        and _mm_has_out_dtype()
+        and not torch.compiler.is_compiling()
+    ):
+        grad = torch.mm(a, b, torch.float32)
+    else:
+        grad = torch.mm(a, b)
+    return grad if scale == 1.0 else grad.mul_(scale)
+
+
+def _low_rank_forward(ctx, x, weight, bias, down, up, scale: float):  # type: ignore[no-untyped-def]
+    """(x Wᵀ + b + scale · (x downᵀ) upᵀ as rows (tokens × out) in the compute dtype, the
+    tensors :func:`_low_rank_backward` needs); its options go on ``ctx``."""
+    dtype = _compute_dtype(x)
+    x2 = _as(_rows(x), dtype)
+    d, u = _as(down, dtype), _as(up, dtype)
+    b = None if bias is None else _as(bias, dtype)
+    ctx.fused = use_fused_low_rank(x2, weight, u)
+    if ctx.fused:  # the rank-r term inside the GEMMs' reduction (mm_spectral.kernels)
+        ctx.strategy = OPTIONS.strategy
+        y, x2, w, hidden = fused_low_rank_forward(x2, weight, b, d, u, scale)
+    else:
+        w = _as(weight, dtype)
+        hidden = F.linear(x2, d)
+        y = F.linear(x2, w, b)
+        y.addmm_(hidden, u.t(), alpha=scale)
+    ctx.scale, ctx.x_shape = scale, x.shape
+    ctx.factor_dtypes = (down.dtype, up.dtype)
+    return y, (x2, w, d, u, hidden)
+
+
+def _low_rank_backward(ctx, g, saved, need_x, need_w, need_b, need_d, need_u):  # type: ignore[no-untyped-def]
+    """(dx, dW, db, d_down, d_up) of :func:`_low_rank_forward` for output gradient rows
+    ``g`` (compute dtype); None where not needed. ``saved``: the tensors it saved."""
+    x2, w, d, u, hidden = saved
+    scale = ctx.scale
+    grad_x = grad_w = grad_b = grad_d = grad_u = None
+    if ctx.fused:
+        grad_x, grad_b, grad_d, grad_u = fused_low_rank_backward(
+            g, x2, w, d, u, hidden, scale, need_x, need_b, need_d, need_u, ctx.strategy
+        )
+    else:
+        g_hidden = torch.mm(g, u) if (need_x or need_d) else None
+        if need_x:
+            grad_x = torch.mm(g, w).addmm_(g_hidden, d, alpha=scale)
+        if need_b:
+            grad_b = g.sum(0)
+        if need_d:
+            grad_d = factor_grad(g_hidden.t(), x2, scale, ctx.factor_dtypes[0])
+        if need_u:
+            grad_u = factor_grad(g.t(), hidden, scale, ctx.factor_dtypes[1])
+    if need_x and len(ctx.x_shape) != 2:
+        grad_x = grad_x.view(ctx.x_shape)
+    if need_w:
+        grad_w = torch.mm(g.t(), x2)
+    return grad_x, grad_w, grad_b, grad_d, grad_u
+
+
+def _shaped(y: Tensor, x: Tensor) -> Tensor:
+    """Output rows back to the input's leading shape."""
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
 class LowRankLinear(torch.autograd.Function):
     """y = x Wᵀ + b + scale · (x downᵀ) upᵀ, never forming ΔW = scale · up · down."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, scale: float):  # type: ignore[override]
-        dtype = _compute_dtype(x)
-        x2 = _as(_rows(x), dtype)
-        d, u = _as(down, dtype), _as(up, dtype)
-        b = None if bias is None else _as(bias, dtype)
-        ctx.fused = use_fused_low_rank(x2, weight, u)
-        if ctx.fused:  # the rank-r term inside the GEMMs' reduction (mm_spectral.kernels)
-            ctx.strategy = OPTIONS.strategy
-            y, x2, w, hidden = fused_low_rank_forward(x2, weight, b, d, u, scale)
-        else:
-            w = _as(weight, dtype)
-            hidden = F.linear(x2, d)
-            y = F.linear(x2, w, b)
-            y.addmm_(hidden, u.t(), alpha=scale)
-        ctx.save_for_backward(x2, w, d, u, hidden)
-        ctx.scale, ctx.x_shape = scale, x.shape
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        y, saved = _low_rank_forward(ctx, x, weight, bias, down, up, scale)
+        ctx.save_for_backward(*saved)
+        return _shaped(y, x)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x2, w, d, u, hidden = ctx.saved_tensors
+        saved = ctx.saved_tensors
         need_x, need_w, need_b, need_d, need_u, _ = ctx.needs_input_grad
-        scale = ctx.scale
-        g = _as(_rows(grad_out), w.dtype)
-        grad_x = grad_w = grad_b = grad_d = grad_u = None
-        if ctx.fused:
-            grad_x, grad_b, grad_d, grad_u = fused_low_rank_backward(
-                g, x2, w, d, u, hidden, scale, need_x, need_b, need_d, need_u, ctx.strategy
-            )
-            if need_x and len(ctx.x_shape) != 2:
-                grad_x = grad_x.view(ctx.x_shape)
-            if need_w:
-                grad_w = torch.mm(g.t(), x2)
-            return grad_x, grad_w, grad_b, grad_d, grad_u, None
-        g_hidden = torch.mm(g, u) if (need_x or need_d) else None
-        if need_x:
-            grad_x = torch.mm(g, w).addmm_(g_hidden, d, alpha=scale)
-            grad_x = grad_x if len(ctx.x_shape) == 2 else grad_x.view(ctx.x_shape)
-        if need_w:
-            grad_w = torch.mm(g.t(), x2)
+        g = _as(_rows(grad_out), saved[1].dtype)
+        grads = _low_rank_backward(ctx, g, saved, need_x, need_w, need_b, need_d, need_u)
+        return (*grads, None)
+
+
+class RescaledLowRankLinear(torch.autograd.Function):
+    """y = c ⊙ (x Wᵀ + scale · (x downᵀ) upᵀ) + b, c = magnitude · inv_norm per output
+    channel: DoRA's factored linear in one autograd node.
+
+    ``inv_norm`` is 1 / ‖W0 + ΔW‖_c, taken without gradient as in the DoRA paper §4.3, so
+    the magnitude's gradient is inv_norm ⊙ Σ_tokens g ⊙ z (z the unscaled output, kept for
+    it) and the low-rank part sees g ⊙ c.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, magnitude, inv_norm, scale: float):  # type: ignore[override]
+        z, saved = _low_rank_forward(ctx, x, weight, None, down, up, scale)
+        channel = _as(torch.mul(magnitude, inv_norm), z.dtype)
+        y = z * channel if bias is None else torch.addcmul(_as(bias, z.dtype), z, channel)
+        ctx.save_for_backward(*saved, z, channel, inv_norm)
+        return _shaped(y, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        *saved, z, channel, inv_norm = ctx.saved_tensors
+        need_x, need_w, need_b, need_d, need_u, need_m, _, _ = ctx.needs_input_grad
+        g = _as(_rows(grad_out), z.dtype)
+        grad_m = grad_b = None
+        if need_m:
+            grad_m = (g * z).sum(0, dtype=torch.float32).mul_(inv_norm)
         if need_b:
             grad_b = g.sum(0)
-        if need_d:
-            grad_d = torch.mm(g_hidden.t(), x2)
-            grad_d = grad_d if scale == 1.0 else grad_d.mul_(scale)
-        if need_u:
-            grad_u = torch.mm(g.t(), hidden)
-            grad_u = grad_u if scale == 1.0 else grad_u.mul_(scale)
-        return grad_x, grad_w, grad_b, grad_d, grad_u, None
+        grads = _low_rank_backward(ctx, g * channel, saved, need_x, need_w, False, need_d, need_u)
+        grad_x, grad_w, _, grad_d, grad_u = grads
+        return grad_x, grad_w, grad_b, grad_d, grad_u, grad_m, None, None
 
 
 class DeltaLinear(torch.autograd.Function):
@@ -107,7 +183,7 @@ class DeltaLinear(torch.autograd.Function):
         y = F.linear(x2, w, None if bias is None else _as(bias, dtype))
         ctx.save_for_backward(x2, w)
         ctx.x_shape = x.shape
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        return _shaped(y, x)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -131,6 +207,19 @@ def low_rank_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float
 ) -> Tensor:
     return LowRankLinear.apply(x, weight, bias, down, up, scale)
+
+
+def rescaled_low_rank_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    down: Tensor,
+    up: Tensor,
+    scale: float,
+    magnitude: Tensor,
+    inv_norm: Tensor,
+) -> Tensor:
+    return RescaledLowRankLinear.apply(x, weight, bias, down, up, magnitude, inv_norm, scale)
 
 
 def delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor) -> Tensor:
