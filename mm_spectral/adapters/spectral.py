@@ -98,7 +98,7 @@ class _SparseSpectrumToReal(torch.autograd.Function):
         rows, cols = shape
         n = coefficients.numel()
         flat = torch.zeros(2 * (rows * (cols // 2 + 1) + 1), device=coefficients.device)
-        values = coefficients.float()
+        values = coefficients if coefficients.dtype == torch.float32 else coefficients.float()
         # Each entry gives half its coefficient to itself and half to its mirror, written
         # into real slots; slots outside the stored half land in the dropped extra one.
         flat.index_add_(0, positions[:n], values, alpha=0.5 * scale)
@@ -114,9 +114,10 @@ class _SparseSpectrumToReal(torch.autograd.Function):
         rows, cols = ctx.shape
         # take() reads in logical order whatever the strides (cuFFT may return a
         # non-contiguous spectrum), copying nothing.
-        spectrum = torch.view_as_real(torch.fft.rfft2(grad_out.float()))
+        grad_out = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
+        spectrum = torch.view_as_real(torch.fft.rfft2(grad_out))
         grad = torch.take(spectrum, gather).mul_(ctx.scale / (rows * cols))
-        return grad.to(ctx.dtype), None, None, None
+        return (grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)), None, None, None
 
 
 def sparse_spectrum_to_real(

@@ -128,12 +128,8 @@ def _sampled_grad_kernel(
     acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
     t0 = pid_t * tokens_per_program
     for t in range(t0, tl.minimum(t0 + tokens_per_program, T)):
-        gr, gi = _row_spectrum(
-            g_ptr + t * stride_gt, stride_go, gtab_ptr, GL1, GP1, GL2, BF16, DFT
-        )
-        xr, xi = _row_spectrum(
-            x_ptr + t * stride_xt, stride_xi, xtab_ptr, XL1, XP1, XL2, BF16, DFT
-        )
+        gr, gi = _row_spectrum(g_ptr + t * stride_gt, stride_go, gtab_ptr, GL1, GP1, GL2, BF16, DFT)
+        xr, xi = _row_spectrum(x_ptr + t * stride_xt, stride_xi, xtab_ptr, XL1, XP1, XL2, BF16, DFT)
         if SAMPLE:
             kpos = tl.load(kpos_ptr + offs_j, mask=j_ok, other=0)
             lpos = tl.load(lpos_ptr + offs_j, mask=j_ok, other=0)
