@@ -117,9 +117,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
         found |= {t for t in targets if t in known and t != name}
     # Importing a.b.c first runs package a.b: an edge to it too, unless a.b encloses this
     # module (its own packages are initialising already; that is how packages work).
-    parents = {
-        ".".join(t.split(".")[:i]) for t in found for i in range(1, t.count(".") + 1)
-    }
+    parents = {".".join(t.split(".")[:i]) for t in found for i in range(1, t.count(".") + 1)}
     found |= {p for p in parents if p in known and not f"{name}.".startswith(f"{p}.")}
     return found
 

@@ -531,6 +531,19 @@ def test_dora_row_norms_without_forming_delta_equal_the_explicit_norms(shape, dt
     torch.testing.assert_close(inverse.double(), 1 / explicit, rtol=1e-5, atol=1e-6)
 
 
+def test_dora_row_norms_stay_float32_under_autocast():
+    """Autocast would run the norms' GEMMs in bf16 (3 significant digits of ‖W0ᵢ‖²)."""
+    from mm_spectral.adapters.dora import low_rank_inverse_norms
+
+    torch.manual_seed(0)
+    weight, down, up = torch.randn(16, 64), torch.randn(4, 64), torch.randn(16, 4)
+    plain = low_rank_inverse_norms(weight, down, up, 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = low_rank_inverse_norms(weight, down, up, 0.5)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=0)
+
+
 def test_dora_inverse_norm_of_a_zero_row_is_finite():
     from mm_spectral.adapters.dora import low_rank_inverse_norms
 

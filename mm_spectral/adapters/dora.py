@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kernels.dispatch import off_default_stream
 from .base import LayerSpec, layer_op, register_adapter
 from .functional import _as, rescaled_low_rank_linear
 from .lora import LoRA
@@ -52,6 +53,10 @@ def low_rank_row_squares(
     frozen. Cancellation is harmless while ΔW stays small against W0 (float32 keeps ~7
     digits of ‖W0ᵢ‖²); callers clamp the result at zero.
     """
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):  # float32 GEMMs, not autocast's half ones
+        with torch.autocast(device_type, enabled=False):
+            return low_rank_row_squares(weight, down, up, scale, base_squares)
     w = weight.reshape(weight.shape[0], -1)
     a, b = _as(down, torch.float32), _as(up, torch.float32)
     if base_squares is None:
@@ -135,10 +140,8 @@ class DoRA(LoRA):
         default CUDA stream (a cached tensor must not cross streams)."""
         if weight.requires_grad or torch.compiler.is_compiling():
             return None
-        if weight.is_cuda:
-            device = weight.device
-            if torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
-                return None  # side streams: CUDA-graph warm-up and capture among them
+        if weight.is_cuda and off_default_stream(weight.device):
+            return None  # side streams: CUDA-graph warm-up and capture among them
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
         cached = self.__dict__.get("_base_squares_cache")
         if cached is None or cached[0] != key:

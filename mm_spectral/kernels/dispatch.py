@@ -112,16 +112,19 @@ def use_fused_low_rank(x2: Tensor, weight: Tensor, up: Tensor) -> bool:
         and out_features >= 64
         and in_features >= 64
         and x2.shape[0] > 0
-        and (_mode == "on" or _off_default_stream(x2.device))
+        and (_mode == "on" or off_default_stream(x2.device))
         and triton_available()
     )
 
 
-def _off_default_stream(device: torch.device) -> bool:
-    """Whether work on ``device`` is being issued to a side stream or captured in a graph."""
+def off_default_stream(device: torch.device) -> bool:
+    """Whether work on ``device`` (CUDA) is being issued to a side stream or captured in a
+    graph. Asked per adapted layer and step, so it compares the streams' (id, device,
+    type) triples without building ``torch.cuda.Stream`` objects."""
     if torch.cuda.is_current_stream_capturing():
         return True
-    return torch.cuda.current_stream(device) != torch.cuda.default_stream(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._C._cuda_getCurrentStream(index) != torch._C._cuda_getDefaultStream(index)
 
 
 def fused_low_rank_forward(
