@@ -86,7 +86,7 @@ def test_peers_benchmark_tiny_run():
 @pytest.mark.parametrize(
     "preset, only, expected",
     [
-        ("maskrcnn", ["FLoRA"], ["FLoRA r16"]),
+        ("maskrcnn", ["FLoRA", "DoRA"], ["DoRA r16 (loralib convs)", "FLoRA r16"]),
         ("vit-upernet", [], ["LoRA r16", "FourierFT n3000", "FoRA r64 n8000"]),
         ("internvit6b", [], ["InternViT-6B FLoRA r16 (bf16 frozen, with_cp)"]),
     ],

@@ -40,6 +40,7 @@ VARIANTS = {
     "floor (Base, frozen)": "configs/coco/mask-rcnn_convnextv2-l-base_fpn_8xb4-1x_coco.py",
     "full FT": "configs/coco/mask-rcnn_convnextv2-l-full_fpn_8xb4-1x_coco.py",
     "LoRA r16": "configs/coco/mask-rcnn_convnextv2-l-lora-r16_fpn_8xb4-1x_coco.py",
+    "DoRA r16 (loralib convs)": "configs/coco/mask-rcnn_convnextv2-l-dora-loralib-r16_fpn_8xb4-1x_coco.py",
     "FLoRA r16": "configs/coco/mask-rcnn_convnextv2-l-flora-r16_fpn_8xb4-1x_coco.py",
     "FourierFT n3000": "configs/coco/mask-rcnn_convnextv2-l-fourierft-n3000_fpn_8xb4-1x_coco.py",
     "FoRA r64 n8000": "configs/coco/mask-rcnn_convnextv2-l-fora-r64-n8000_fpn_8xb4-1x_coco.py",

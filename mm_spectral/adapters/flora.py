@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
@@ -102,8 +101,17 @@ class FLoRA(LowRankAdapter):
         return torch.mm(self.factors[0], conv_tucker_down(self.core, self.factors, self.scale))
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        device_type = self.core.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Weight-space products stay float32: under autocast they would cost two casts
+            # forward and two backward per layer for GEMMs of a few thousand entries.
+            with torch.autocast(device_type, enabled=False):
+                return self._low_rank_factors()
+        return self._low_rank_factors()
+
+    def _low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         if len(self.factors) == 2:  # linear: core ×₂ U₂ is a plain product
-            return F.linear(self.core, self.factors[1]), self.factors[0], self.scale
+            return torch.mm(self.core, self.factors[1].t()), self.factors[0], self.scale
         # Conv: the scale goes into the (small) down factor, sparing an op on the up one.
         return conv_tucker_down(self.core, self.factors, self.scale), self.factors[0], 1.0
 
