@@ -54,12 +54,14 @@ def _mm_has_out_dtype() -> bool:
 def factor_grad(a: Tensor, b: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """``scale · a b`` for a parameter of ``dtype``: on CUDA, half inputs and a float32
     parameter, cuBLAS writes float32 itself (one op instead of a GEMM and a cast)."""
+    # Not while compiling: the compiler picks its own GEMMs, and tracing the cached
+    # capability check would break the graph at every adapted layer.
     if (
-        dtype == torch.float32
+        not torch.compiler.is_compiling()
+        and dtype == torch.float32
         and a.dtype in _HALF
         and a.is_cuda
         and _mm_has_out_dtype()
-        and not torch.compiler.is_compiling()
     ):
         grad = torch.mm(a, b, torch.float32)
     else:
