@@ -130,3 +130,22 @@ def test_benchmark_variants_store_frozen_weights_in_the_asked_dtype():
         x = torch.randn(1, 3, spec.size, spec.size, requires_grad=True)
         loss = benchmark.train_step_fn(model, x, torch.bfloat16)()
         assert math.isfinite(loss)
+
+
+def test_interleaved_training_benchmark_tiny_run():
+    """--interleave: every variant resident, timed in turns; the same table, ratios to the
+    floor of the run; compile modes are refused (each resets dynamo's cache)."""
+    out = run_tool(
+        "tools/benchmark.py",
+        *("--tiny", "--device", "cpu", "--only", "ViT", "--skip-inference", "--interleave"),
+        *("--variants", "DoRA", "--warmup", "1", "--iters", "2"),
+    )
+    training = {row[1]: row for row in table_rows(out, "Training step")}
+    assert set(training) == {"full FT", "floor (frozen)", "DoRA r16"}
+    assert number(training["floor (frozen)"][4]) == pytest.approx(1.0)
+    assert number(training["floor (frozen)"][2]) == 0 < number(training["DoRA r16"][2])
+    refused = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--interleave", "--mode", "compile-model"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--interleave" in refused.stderr

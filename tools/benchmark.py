@@ -219,8 +219,18 @@ def train_step_fn(
     return step
 
 
-def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
-    """Times ``model`` (already on the device, the only model there) and records its peak."""
+@dataclass
+class Prepared:
+    """One variant ready to step: its model, step closure and what it reports."""
+
+    label: str
+    model: nn.Module
+    step: Callable[[], float]
+    batched: bool
+
+
+def prepare(spec: Backbone, label: str, model: nn.Module, args) -> Prepared:
+    """The training step of ``model`` (already on the device) on a fixed random batch."""
     if args.mode.startswith("compile"):
         # A fresh cache per variant: each adds guards to the same code objects, and past
         # dynamo's recompile limit a model would silently run eagerly.
@@ -231,30 +241,43 @@ def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
     x = torch.randn(spec.batch, 3, spec.size, spec.size, device=args.device)
     # Floor and adapters: gradients must flow through the whole (frozen) backbone.
     x.requires_grad_(label != "full FT")
+    batched = args.batched_spectra and any(m in label for m in ("FourierFT", "FoRA"))
+    step = train_step_fn(model, x, torch.bfloat16, mode=args.mode, batched_spectra=batched)
+    return Prepared(label, model, step, batched)
+
+
+def peak_gib(args) -> float:
+    """Peak device memory since the last reset (reserved for CUDA graphs, whose activations
+    live in their pool), in GiB; 0 off CUDA."""
+    if not args.device.startswith("cuda"):
+        return 0.0
+    peak = (
+        torch.cuda.max_memory_reserved()
+        if args.mode == "cuda-graph"
+        else torch.cuda.max_memory_allocated()
+    )
+    return peak / 2**30
+
+
+def result(spec: Backbone, run: Prepared, ms: float, peak: float, args) -> Result:
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    graphs = counters["stats"].get("unique_graphs", 0)
+    breaks = sum(counters["graph_break"].values())
+    label = run.label + (" batched" if run.batched else "")
+    return Result(spec.name, label, ms, peak, trainable, args.mode, graphs, breaks)
+
+
+def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
+    """Times ``model`` (already on the device, the only model there) and records its peak."""
     if args.device.startswith("cuda"):
         gc.collect()  # a graphed previous variant is a reference cycle
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    batched = args.batched_spectra and any(m in label for m in ("FourierFT", "FoRA"))
-    step = train_step_fn(model, x, torch.bfloat16, mode=args.mode, batched_spectra=batched)
-    ms = time_steps(step, args.device, args.warmup, args.iters)
+    run = prepare(spec, label, model, args)
+    ms = time_steps(run.step, args.device, args.warmup, args.iters)
     if args.profile and any(key in label for key in args.profile):
-        profile(step, f"{spec.name} {label}", args)
-    peak = 0.0
-    if args.device.startswith("cuda"):  # a graph's activations live in its pool: reserved
-        peak = (
-            torch.cuda.max_memory_reserved()
-            if args.mode == "cuda-graph"
-            else torch.cuda.max_memory_allocated()
-        )
-        peak /= 2**30
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    graphs = counters["stats"].get("unique_graphs", 0)
-    breaks = sum(counters["graph_break"].values())
-    return Result(
-        spec.name, label + (" batched" if batched else ""), ms, peak, trainable, args.mode,
-        graphs, breaks,
-    )  # fmt: skip
+        profile(run.step, f"{spec.name} {label}", args)
+    return result(spec, run, ms, peak_gib(args), args)
 
 
 def profile(step: Callable[[], float], title: str, args) -> None:
@@ -402,10 +425,14 @@ def amp_check(spec: Backbone, base: nn.Module, args) -> list[str]:
 
 
 def measure_training(spec: Backbone, base: nn.Module, args) -> list[Result]:
-    """Full FT, the floor and every adapter, one model on the device at a time."""
+    """Full FT, the floor and every adapter, one model on the device at a time (or, with
+    ``--interleave``, all at once)."""
 
     def on_device(cfg: dict | None) -> nn.Module:
         return variant(base, spec, cfg, args.device, args.frozen_dtype)
+
+    if args.interleave:
+        return measure_interleaved(spec, base, args)
 
     results = [measure(spec, "full FT", on_device(None), args)]
     print(results[-1], flush=True)
@@ -419,6 +446,34 @@ def measure_training(spec: Backbone, base: nn.Module, args) -> list[Result]:
         results.append(measure(spec, name, on_device(cfg), args))
         print(results[-1], flush=True)
         release(args.device)
+    return results
+
+
+def measure_interleaved(spec: Backbone, base: nn.Module, args) -> list[Result]:
+    """Every variant resident at once, timed in alternating rounds (``time_interleaved``):
+    a drift of the host's speed during the run, which on a shared host moves an eager step
+    by tens of percent between runs, hits all of them alike, so their ratios hold. Peak
+    memory is each variant's own: its peak during warm-up above what was resident before."""
+    runs, peaks = [], []
+    labels = [("full FT", None), ("floor (frozen)", None), *args.adapters.items()]
+    for label, cfg in labels:
+        base.requires_grad_(label == "full FT")  # the plain variants take the template's
+        model = variant(base, spec, cfg, args.device, args.frozen_dtype)
+        resident = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        run = prepare(spec, label, model, args)
+        for _ in range(args.warmup):
+            run.step()
+        synchronize(args.device)
+        peaks.append(max(0.0, peak_gib(args) - resident / 2**30))
+        runs.append(run)
+    times = time_interleaved([run.step for run in runs], args.device, 0, args.iters)
+    results = [result(spec, run, ms, peak, args) for run, ms, peak in zip(runs, times, peaks)]
+    for r in results:
+        print(r, flush=True)
+    del runs
+    release(args.device)
     return results
 
 
@@ -532,6 +587,12 @@ def main() -> None:
         "several modes run one after the other in one table each (the peers: the first)",
     )
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="keep every variant on the device and time them in alternating rounds (ratios "
+        "robust to the host's drift; eager and cuda-graph modes)",
+    )
+    parser.add_argument(
         "--variants",
         nargs="*",
         default=None,
@@ -540,6 +601,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     modes = args.mode
+    if args.interleave and any(m.startswith("compile") for m in modes):
+        parser.error(
+            "--interleave times eager and cuda-graph modes (compiled variants each "
+            "reset dynamo's cache, so they cannot take turns)"
+        )
     args.adapters = TINY_ADAPTERS if args.tiny else ADAPTERS
     if args.variants:
         args.adapters = {
