@@ -458,10 +458,10 @@ def measure_interleaved(spec: Backbone, base: nn.Module, args) -> list[Result]:
     labels = [("full FT", None), ("floor (frozen)", None), *args.adapters.items()]
     for label, cfg in labels:
         base.requires_grad_(label == "full FT")  # the plain variants take the template's
-        model = variant(base, spec, cfg, args.device, args.frozen_dtype)
         resident = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        model = variant(base, spec, cfg, args.device, args.frozen_dtype)
         run = prepare(spec, label, model, args)
         for _ in range(args.warmup):
             run.step()

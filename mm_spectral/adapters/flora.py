@@ -111,7 +111,13 @@ class FLoRA(LowRankAdapter):
 
     def _low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         if len(self.factors) == 2:  # linear: core ×₂ U₂ is a plain product
-            return torch.mm(self.core, self.factors[1].t()), self.factors[0], self.scale
+            core, u_in = self.core, self.factors[1]
+            if self.scale == 1.0:
+                return torch.mm(core, u_in.t()), self.factors[0], 1.0
+            # s · core U₂ᵀ in the GEMM's alpha (beta = 0 ignores the detached 1×1 input):
+            # a scale left to the low-rank node would cost two more ops on its gradients.
+            down = torch.addmm(core.detach()[:1, :1], core, u_in.t(), beta=0.0, alpha=self.scale)
+            return down, self.factors[0], 1.0
         # Conv: the scale goes into the (small) down factor, sparing an op on the up one.
         return conv_tucker_down(self.core, self.factors, self.scale), self.factors[0], 1.0
 
