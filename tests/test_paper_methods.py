@@ -150,28 +150,9 @@ def test_dora_merge_round_trip_with_zero_magnitude_rows():
 
 
 def test_dora_gradient_drops_only_the_norm_gradient():
-    """Value: exact W'. Gradient: that of W' with ‖W0 + ΔW‖_c detached (paper §4.3), which
-    differs from the full gradient (so the matrix's gradient test tells the two apart)."""
-    torch.manual_seed(0)
-    model = one_layer(nn.Linear(12, 8), dict(type="DoRA", rank=3))
-    randomize_adapter(model.layer.adapter)
-    x = torch.randn(4, 12)
-    params = list(model.layer.adapter.parameters())
-    got = torch.autograd.grad(model(x).square().sum(), params)
-    grads = {}
-    for detach in (True, False):
-        weight, bias = reference_layer(model.layer, detach_norm=detach)
-        out = torch.nn.functional.linear(x.double(), weight, bias)
-        grads[detach] = torch.autograd.grad(out.square().sum(), params)
-    for g, detached in zip(got, grads[True]):
-        torch.testing.assert_close(g, detached.float(), rtol=1e-4, atol=1e-5)
-    assert any(not torch.allclose(d, f, rtol=1e-3) for d, f in zip(grads[True], grads[False]))
-
-
-def test_dora_linear_node_gives_every_gradient_of_the_detached_norm_reference():
-    """The one-node DoRA linear (3-D tokens, trainable base and bias): output and the
-    gradients of x, W0, b, A, B and m equal float64 autograd through W' with the norm
-    detached."""
+    """Value: exact W'. Gradients of the one-node DoRA linear (3-D tokens, trainable base and
+    bias; x, W0, b, A, B, m): those of W' with ‖W0 + ΔW‖_c detached (paper §4.3), in float64
+    autograd. They differ from the full gradient, so the test tells the two apart."""
     torch.manual_seed(0)
     model = one_layer(nn.Linear(12, 8), dict(type="DoRA", rank=3, alpha=6))
     layer = model.layer
@@ -183,12 +164,15 @@ def test_dora_linear_node_gives_every_gradient_of_the_detached_norm_reference():
     out = model(x)
     got = torch.autograd.grad(out.square().sum(), inputs)
     x64 = x.detach().double().requires_grad_(True)
-    weight, bias = reference_layer(layer, detach_norm=True)
-    expected_out = torch.nn.functional.linear(x64, weight, bias)
-    expected = torch.autograd.grad(expected_out.square().sum(), [x64, *inputs[1:]])
-    torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g.double(), e.double(), rtol=1e-4, atol=1e-4)
+    grads = {}
+    for detach in (True, False):
+        weight, bias = reference_layer(layer, detach_norm=detach)
+        expected_out = torch.nn.functional.linear(x64, weight, bias)
+        torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
+        grads[detach] = torch.autograd.grad(expected_out.square().sum(), [x64, *inputs[1:]])
+    for g, detached in zip(got, grads[True]):
+        torch.testing.assert_close(g.double(), detached.double(), rtol=1e-4, atol=1e-4)
+    assert any(not torch.allclose(d, f, rtol=1e-3) for d, f in zip(grads[True], grads[False]))
 
 
 def test_dora_linear_node_under_bf16_autocast_matches_float32_to_bf16_tolerance():
