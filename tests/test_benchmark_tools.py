@@ -149,3 +149,23 @@ def test_interleaved_training_benchmark_tiny_run():
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 2 and "--interleave" in refused.stderr
+
+
+def test_model_benchmark_interleaved_tiny_run():
+    """benchmark_model.py --interleave: the models take turns; ratios to the run's floor."""
+    out = run_tool(
+        "tools/benchmark_model.py",
+        *("--preset", "maskrcnn", "--tiny", "--device", "cpu", "--interleave"),
+        *("--warmup", "1", "--iters", "2", "--batch", "1", "--size", "64"),
+        *("--only", "floor", "FourierFT"),
+    )
+    assert "interleaved" in out
+    rows = {row[0]: row for row in table_rows(out, "training step")}
+    assert list(rows) == ["floor (Base, frozen)", "FourierFT n3000"]
+    assert number(rows["floor (Base, frozen)"][3]) == pytest.approx(1.0)
+    assert number(rows["FourierFT n3000"][1]) > number(rows["floor (Base, frozen)"][1])
+    refused = subprocess.run(
+        [sys.executable, "tools/benchmark_model.py", "--interleave", "--compile"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--interleave" in refused.stderr

@@ -13,6 +13,7 @@ CUDA-synchronised steps after warm-up.
     python tools/benchmark_model.py --preset internvit6b --batch 4
     python tools/benchmark_model.py --preset maskrcnn --cuda-graph   # backbone as a CUDA graph
     python tools/benchmark_model.py --preset maskrcnn --shapes 800x1216 800x1088   # varying sizes
+    python tools/benchmark_model.py --preset maskrcnn --interleave   # all resident, in turns
     python tools/benchmark_model.py --preset vit-upernet --compile   # compile=True
     python tools/benchmark_model.py --preset maskrcnn --device cpu --tiny   # smoke run
 """
@@ -23,9 +24,8 @@ import argparse
 import gc
 import itertools
 import os.path as osp
-import statistics
 import sys
-import time
+from collections.abc import Callable
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
 
@@ -35,6 +35,7 @@ from mmengine.config import Config  # noqa: E402
 import mm_spectral.openmmlab  # noqa: E402,F401  (registers the project's classes)
 from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
+from tools.benchmark import time_interleaved  # noqa: E402
 
 VARIANTS = {
     "floor (Base, frozen)": "configs/coco/mask-rcnn_convnextv2-l-base_fpn_8xb4-1x_coco.py",
@@ -115,12 +116,11 @@ def synthetic_batch(
     return dict(inputs=inputs, data_samples=samples)
 
 
-def time_config(path: str, args) -> tuple[float, float, int]:
+def prepare_config(path: str, args) -> tuple[Callable[[], None], int]:
+    """(one training step of the config's model on a fixed synthetic batch, its trainable
+    parameter count), built on the device and warmed up."""
     from mm_spectral.openmmlab import build_model
 
-    gc.collect()  # the previous variant (a graphed backbone holds a reference cycle)
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
     cfg = Config.fromfile(path)
     inner = cfg.model.backbone.get("backbone", cfg.model.backbone)
     inner.pop("init_cfg", None)  # timing only: no pretrained weights needed
@@ -191,28 +191,48 @@ def time_config(path: str, args) -> tuple[float, float, int]:
     # dynamic shapes at the second) during warm-up.
     for _ in range(max(args.warmup, 2 * len(inputs) + 1 if args.compile else 0)):
         step()
+    return step, sum(p.numel() for p in params)
+
+
+def peak_gib(args) -> float:
+    """Peak device memory since the last reset, GiB (reserved with CUDA graphs, whose
+    activations live in their pool); 0 off CUDA."""
+    if not args.device.startswith("cuda"):
+        return 0.0
+    cuda = torch.cuda
+    return (cuda.max_memory_reserved() if args.cuda_graph else cuda.max_memory_allocated()) / 2**30
+
+
+def time_config(path: str, args) -> tuple[float, float, int]:
+    """(median step ms, peak GiB, trainable parameters) of one config, alone on the device."""
+    gc.collect()  # the previous variant (a graphed backbone holds a reference cycle)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    step, trainable = prepare_config(path, args)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.iters):
+    ms = time_interleaved([step], args.device, 0, args.iters, rounds=1)[0]
+    return ms, peak_gib(args), trainable
+
+
+def time_configs_interleaved(paths: list[str], args) -> list[tuple[float, float, int]]:
+    """Every config's model resident at once, timed in alternating rounds, so that a drift
+    of the host's speed hits all alike; peaks are each model's own (above what was resident
+    before it was built, over its warm-up)."""
+    steps, peaks, counts = [], [], []
+    for path in paths:
+        resident = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        step, trainable = prepare_config(path, args)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    peak = 0.0
-    if args.device.startswith("cuda"):  # a graph's activations live in its pool: reserved
-        peak = (
-            torch.cuda.max_memory_reserved()
-            if args.cuda_graph
-            else torch.cuda.max_memory_allocated()
-        )
-        peak /= 2**30
-    trainable = sum(p.numel() for p in params)
-    return statistics.median(times), peak, trainable
+        peaks.append(max(0.0, peak_gib(args) - resident / 2**30))
+        steps.append(step)
+        counts.append(trainable)
+    times = time_interleaved(steps, args.device, 0, args.iters)
+    return list(zip(times, peaks, counts))
 
 
 def main() -> None:
@@ -249,6 +269,12 @@ def main() -> None:
         "backbone alike); the rest of the model stays eager; warm-up covers the compiles",
     )
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="keep every variant's model on the device and time them in alternating rounds "
+        "(ratios robust to the host's drift; not with --compile)",
+    )
+    parser.add_argument(
         "--shapes",
         nargs="+",
         default=None,
@@ -259,6 +285,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.compile and args.cuda_graph:
         parser.error("use one of --compile and --cuda-graph")
+    if args.compile and args.interleave:
+        parser.error(
+            "--interleave cannot take turns between compiled variants (each resets dynamo's cache)"
+        )
     maskrcnn = args.preset == "maskrcnn"
     on_cpu = not args.device.startswith("cuda")
     # mmcv's CPU NMS takes float32 only: a CPU smoke run of Mask R-CNN stays in float32.
@@ -274,15 +304,22 @@ def main() -> None:
     ]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     presets = {"maskrcnn": VARIANTS, "vit-upernet": VIT_UPERNET, "internvit6b": INTERNVIT_6B}
+    chosen = {
+        name: path
+        for name, path in presets[args.preset].items()
+        if not args.only or any(word in name for word in args.only)
+    }
+    if args.interleave:
+        measured = time_configs_interleaved(list(chosen.values()), args)
+    else:
+        measured = (time_config(path, args) for path in chosen.values())
     rows = []
-    for name, path in presets[args.preset].items():
-        if args.only and not any(word in name for word in args.only):
-            continue
-        ms, peak, trainable = time_config(path, args)
+    for name, (ms, peak, trainable) in zip(chosen, measured):
         rows.append((name, ms, peak, trainable))
         print(f"{name}: {ms:.1f} ms, {peak:.2f} GiB, {trainable:,} trainable", flush=True)
     graph = ", backbone as CUDA graph" if args.cuda_graph else ""
     graph += ", backbone compiled" if args.compile else ""
+    graph += ", interleaved" if args.interleave else ""
     memory = "peak reserved (GiB)" if args.cuda_graph else "peak (GiB)"
     if not maskrcnn:
         model = "ViT-L/16" if args.preset == "vit-upernet" else "InternViT-6B"
