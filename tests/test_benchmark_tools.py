@@ -138,8 +138,9 @@ def test_interleaved_training_benchmark_tiny_run():
     out = run_tool(
         "tools/benchmark.py",
         *("--tiny", "--device", "cpu", "--only", "ViT", "--skip-inference", "--interleave"),
-        *("--variants", "DoRA", "--warmup", "1", "--iters", "2"),
+        *("--variants", "DoRA", "--warmup", "1", "--iters", "2", "--dtype", "float16"),
     )
+    assert "### Training step, float16 autocast" in out  # loss-scaled fp16 steps
     training = {row[1]: row for row in table_rows(out, "Training step")}
     assert set(training) == {"full FT", "floor (frozen)", "DoRA r16"}
     assert number(training["floor (frozen)"][4]) == pytest.approx(1.0)
@@ -169,3 +170,26 @@ def test_model_benchmark_interleaved_tiny_run():
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 2 and "--interleave" in refused.stderr
+
+
+def test_dispatch_cost_benchmark_tiny_run():
+    """Host µs per op and per adapted linear: a row per op and per variant, each a finite
+    number; the frozen linear's own cost is positive."""
+    out = run_tool(
+        "tools/benchmark_dispatch.py",
+        *("--device", "cpu", "--calls", "16", "--width", "16", "--tokens", "8"),
+    )
+    ops = {row[0]: number(row[1]) for row in table_rows(out, "Host µs per op")}
+    assert {"mm", "cast float32 → bf16", "addmm_ (in place)"} <= set(ops)
+    layers = {row[0]: number(row[1]) for row in table_rows(out, "Host µs per adapted linear")}
+    assert set(layers) == {
+        "frozen linear (absolute)",
+        "frozen linear, weights stored bf16 (absolute)",
+        "full fine-tuning",
+        "LoRA r16",
+        "DoRA r16",
+        "FLoRA r16",
+        "LoRA r16, frozen weights bf16",
+    }  # the fused-kernel row needs a GPU
+    assert all(math.isfinite(v) for v in [*ops.values(), *layers.values()])
+    assert layers["frozen linear (absolute)"] > 0

@@ -528,6 +528,48 @@ def test_dora_row_norms_stay_float32_under_autocast():
     torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=0)
 
 
+def test_outside_autocast_restores_autocast_after_a_result_and_after_an_error():
+    from mm_spectral.adapters.functional import outside_autocast
+
+    a = torch.randn(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert outside_autocast("cpu", torch.mm, a, a).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")
+        with pytest.raises(RuntimeError):
+            outside_autocast("cpu", torch.mm, a, torch.randn(3, 3))
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.mm(a, a).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25, -3.0])
+def test_scaled_mm_equals_the_scaled_product_with_its_gradients(scale):
+    from mm_spectral.adapters.functional import scaled_mm
+
+    torch.manual_seed(0)
+    a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):  # the second call reuses the cached zero
+        got = scaled_mm(a, b.t().t(), scale)
+        torch.testing.assert_close(got, scale * (a @ b))
+    assert torch.autograd.gradcheck(lambda p, q: scaled_mm(p, q, scale), (a, b))
+
+
+def test_flora_linear_factor_under_autocast_is_float32_and_scaled():
+    """The weight-space factor s · core U₂ᵀ of a linear FLoRA stays float32 under autocast
+    and equals the product computed outside it."""
+    torch.manual_seed(0)
+    model = one_layer(nn.Linear(12, 8), dict(type="FLoRA", rank=3, scale=4.0))
+    adapter = model.layer.adapter
+    randomize_adapter(adapter)
+    plain_down, plain_up, plain_scale = adapter.low_rank_factors()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        down, up, scale = adapter.low_rank_factors()
+    assert down.dtype == up.dtype == torch.float32 and scale == plain_scale == 1.0
+    expected = 4.0 * adapter.core.detach() @ adapter.factors[1].detach().t()
+    torch.testing.assert_close(down.detach(), expected)
+    torch.testing.assert_close(down, plain_down)
+
+
 def test_dora_inverse_norm_of_a_zero_row_is_finite():
     from mm_spectral.adapters.dora import low_rank_inverse_norms
 

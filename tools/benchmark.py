@@ -242,7 +242,10 @@ def prepare(spec: Backbone, label: str, model: nn.Module, args) -> Prepared:
     # Floor and adapters: gradients must flow through the whole (frozen) backbone.
     x.requires_grad_(label != "full FT")
     batched = args.batched_spectra and any(m in label for m in ("FourierFT", "FoRA"))
-    step = train_step_fn(model, x, torch.bfloat16, mode=args.mode, batched_spectra=batched)
+    dtype = getattr(torch, args.dtype)
+    # float16 steps scale the loss, as OpenMMLab's AmpOptimWrapper does (mmdet's AMP).
+    scaler = torch.amp.GradScaler(x.device.type) if dtype == torch.float16 else None
+    step = train_step_fn(model, x, dtype, scaler, mode=args.mode, batched_spectra=batched)
     return Prepared(label, model, step, batched)
 
 
@@ -517,7 +520,7 @@ def print_training_table(results: list[Result], args, mode: str, device_name: st
     eager = [r for r in results if r.mode == "eager" and r.variant == "full FT"]
     extra = " | × eager full FT" if eager and mode != "eager" else ""
     frozen = f", frozen weights {args.frozen_dtype}" if args.frozen_dtype else ""
-    print(f"\n### Training step, bf16 autocast, AdamW{frozen}, {mode} — {device_name}\n")
+    print(f"\n### Training step, {args.dtype} autocast, AdamW{frozen}, {mode} — {device_name}\n")
     memory = "peak reserved (GiB)" if mode == "cuda-graph" else "peak (GiB)"
     print(
         f"| backbone, batch | variant | trainable | step (ms) | × floor | × full FT{extra} "
@@ -569,6 +572,12 @@ def main() -> None:
         help="store frozen parameters (floor, adapters) in this dtype, as "
         "AdaptedBackbone(frozen_dtype=...); full FT keeps float32 masters",
     )
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16"],
+        help="autocast dtype of the training steps (float16 with a GradScaler, as mmdet's AMP)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(
         "--peers", action="store_true", help="also time HF peft's LoRA and FourierFT (needs peft)"
@@ -596,8 +605,8 @@ def main() -> None:
         "--variants",
         nargs="*",
         default=None,
-        help="time only these adapters (names containing one of the words; floor and full FT "
-        "always run)",
+        help="time only these adapters (names starting with one of the words, e.g. LoRA, "
+        "'FLoRA r16'; floor and full FT always run)",
     )
     args = parser.parse_args()
     modes = args.mode
@@ -611,7 +620,7 @@ def main() -> None:
         args.adapters = {
             name: cfg
             for name, cfg in args.adapters.items()
-            if any(w in name for w in args.variants)
+            if any(name.startswith(w) for w in args.variants)
         }
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"

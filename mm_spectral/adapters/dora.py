@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..kernels.dispatch import off_default_stream
 from .base import LayerSpec, layer_op, register_adapter
-from .functional import _as, rescaled_low_rank_linear
+from .functional import _as, outside_autocast, rescaled_low_rank_linear
 from .lora import LoRA
 
 
@@ -55,8 +55,9 @@ def low_rank_row_squares(
     """
     device_type = weight.device.type
     if torch.is_autocast_enabled(device_type):  # float32 GEMMs, not autocast's half ones
-        with torch.autocast(device_type, enabled=False):
-            return low_rank_row_squares(weight, down, up, scale, base_squares)
+        return outside_autocast(
+            device_type, low_rank_row_squares, weight, down, up, scale, base_squares
+        )
     w = weight.reshape(weight.shape[0], -1)
     a, b = _as(down, torch.float32), _as(up, torch.float32)
     if base_squares is None:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
+from .functional import outside_autocast, scaled_mm
 
 
 class _ConvTuckerDown(torch.autograd.Function):
@@ -105,19 +106,15 @@ class FLoRA(LowRankAdapter):
         if torch.is_autocast_enabled(device_type):
             # Weight-space products stay float32: under autocast they would cost two casts
             # forward and two backward per layer for GEMMs of a few thousand entries.
-            with torch.autocast(device_type, enabled=False):
-                return self._low_rank_factors()
+            return outside_autocast(device_type, self._low_rank_factors)
         return self._low_rank_factors()
 
     def _low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         if len(self.factors) == 2:  # linear: core ×₂ U₂ is a plain product
-            core, u_in = self.core, self.factors[1]
-            if self.scale == 1.0:
-                return torch.mm(core, u_in.t()), self.factors[0], 1.0
-            # s · core U₂ᵀ in the GEMM's alpha (beta = 0 ignores the detached 1×1 input):
-            # a scale left to the low-rank node would cost two more ops on its gradients.
-            down = torch.addmm(core.detach()[:1, :1], core, u_in.t(), beta=0.0, alpha=self.scale)
-            return down, self.factors[0], 1.0
+            u_out, u_in = self.factors
+            # s · core U₂ᵀ, the scale in the GEMM's alpha: a scale left to the low-rank node
+            # would cost two more ops on its gradients.
+            return scaled_mm(self.core, u_in.t(), self.scale), u_out, 1.0
         # Conv: the scale goes into the (small) down factor, sparing an op on the up one.
         return conv_tucker_down(self.core, self.factors, self.scale), self.factors[0], 1.0
 

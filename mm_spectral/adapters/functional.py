@@ -12,6 +12,8 @@ where it can write it (no cast op after; elsewhere the autograd engine casts in 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +117,38 @@ def _low_rank_backward(ctx, g, saved, need_x, need_w, need_b, need_d, need_u):  
     if need_w:
         grad_w = torch.mm(g.t(), x2)
     return grad_x, grad_w, grad_b, grad_d, grad_u
+
+
+def outside_autocast(device_type: str, fn: Callable[..., Tensor], *args: Any) -> Any:
+    """``fn(*args)`` with autocast off for ``device_type`` (enabled on entry): weight-space
+    products that must stay float32. Flipping the flag directly costs the host a fraction
+    of ``torch.autocast``'s context manager, which is kept while compiling (dynamo traces
+    the context manager, not the flag)."""
+    if torch.compiler.is_compiling():
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    torch.set_autocast_enabled(device_type, False)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_autocast_enabled(device_type, True)
+
+
+_ZEROS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """scale · a b with the scale in the GEMM's alpha (no multiply op, none in the
+    backward either): ``addmm`` of a cached 0-d zero with beta 0."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    key = (a.device, a.dtype)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        if torch.compiler.is_compiling() or (a.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return torch.mm(a, b).mul_(scale)  # no tensor cached from inside a graph
+        zero = _ZEROS[key] = torch.zeros((), device=a.device, dtype=a.dtype)
+    return torch.addmm(zero, a, b, beta=0.0, alpha=scale)
 
 
 def _shaped(y: Tensor, x: Tensor) -> Tensor:
