@@ -139,12 +139,14 @@ def test_interleaved_training_benchmark_tiny_run():
         "tools/benchmark.py",
         *("--tiny", "--device", "cpu", "--only", "ViT", "--skip-inference", "--interleave"),
         *("--variants", "DoRA", "--warmup", "1", "--iters", "2", "--dtype", "float16"),
+        *("--rank-term", "output", "weight"),
     )
     assert "### Training step, float16 autocast" in out  # loss-scaled fp16 steps
     training = {row[1]: row for row in table_rows(out, "Training step")}
-    assert set(training) == {"full FT", "floor (frozen)", "DoRA r16"}
+    forms = {"DoRA r16 [output]", "DoRA r16 [weight]"}  # one variant per rank-term form
+    assert set(training) == {"full FT", "floor (frozen)", *forms}
     assert number(training["floor (frozen)"][4]) == pytest.approx(1.0)
-    assert number(training["floor (frozen)"][2]) == 0 < number(training["DoRA r16"][2])
+    assert all(number(training["floor (frozen)"][2]) == 0 < number(training[f][2]) for f in forms)
     refused = subprocess.run(
         [sys.executable, "tools/benchmark.py", "--interleave", "--mode", "compile-model"],
         cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -37,6 +37,8 @@ from torch._dynamo.utils import counters  # noqa: E402
 import mm_spectral  # noqa: E402
 from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
+from mm_spectral.kernels import OPTIONS, fused_low_rank_mode  # noqa: E402
+from mm_spectral.kernels.dispatch import RANK_TERMS  # noqa: E402
 from mm_spectral.state import atomic_write_text  # noqa: E402
 from tools import peers  # noqa: E402
 
@@ -229,8 +231,44 @@ class Prepared:
     batched: bool
 
 
-def prepare(spec: Backbone, label: str, model: nn.Module, args) -> Prepared:
-    """The training step of ``model`` (already on the device) on a fixed random batch."""
+LOW_RANK = ("LoRA", "DoRA", "FLoRA", "FoRA")  # the methods OPTIONS.rank_term applies to
+
+
+def rank_term_variants(adapters: dict[str, dict], terms: list[str] | None) -> dict[str, dict]:
+    """Each low-rank adapter once per rank-term form (``OPTIONS.rank_term``), labelled with
+    it, when forms are asked for; the other adapters once."""
+    if not terms:
+        return adapters
+    expanded = {}
+    for name, cfg in adapters.items():
+        if cfg["type"] in LOW_RANK:
+            expanded.update({f"{name} [{term}]": dict(cfg, rank_term=term) for term in terms})
+        else:
+            expanded[name] = cfg
+    return expanded
+
+
+def with_rank_term(step: Callable[[], float], term: str | None) -> Callable[[], float]:
+    """``step`` run with ``OPTIONS.rank_term`` set to ``term`` (read as each op is issued,
+    so interleaved variants each keep their own)."""
+    if term is None:
+        return step
+
+    def run() -> float:
+        previous, OPTIONS.rank_term = OPTIONS.rank_term, term
+        try:
+            return step()
+        finally:
+            OPTIONS.rank_term = previous
+
+    return run
+
+
+def prepare(
+    spec: Backbone, label: str, model: nn.Module, args, rank_term: str | None = None
+) -> Prepared:
+    """The training step of ``model`` (already on the device) on a fixed random batch,
+    with ``OPTIONS.rank_term`` set to ``rank_term`` when given."""
     if args.mode.startswith("compile"):
         # A fresh cache per variant: each adds guards to the same code objects, and past
         # dynamo's recompile limit a model would silently run eagerly.
@@ -246,7 +284,7 @@ def prepare(spec: Backbone, label: str, model: nn.Module, args) -> Prepared:
     # float16 steps scale the loss, as OpenMMLab's AmpOptimWrapper does (mmdet's AMP).
     scaler = torch.amp.GradScaler(x.device.type) if dtype == torch.float16 else None
     step = train_step_fn(model, x, dtype, scaler, mode=args.mode, batched_spectra=batched)
-    return Prepared(label, model, step, batched)
+    return Prepared(label, model, with_rank_term(step, rank_term), batched)
 
 
 def peak_gib(args) -> float:
@@ -270,13 +308,15 @@ def result(spec: Backbone, run: Prepared, ms: float, peak: float, args) -> Resul
     return Result(spec.name, label, ms, peak, trainable, args.mode, graphs, breaks)
 
 
-def measure(spec: Backbone, label: str, model: nn.Module, args) -> Result:
+def measure(
+    spec: Backbone, label: str, model: nn.Module, args, rank_term: str | None = None
+) -> Result:
     """Times ``model`` (already on the device, the only model there) and records its peak."""
     if args.device.startswith("cuda"):
         gc.collect()  # a graphed previous variant is a reference cycle
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    run = prepare(spec, label, model, args)
+    run = prepare(spec, label, model, args, rank_term)
     ms = time_steps(run.step, args.device, args.warmup, args.iters)
     if args.profile and any(key in label for key in args.profile):
         profile(run.step, f"{spec.name} {label}", args)
@@ -320,6 +360,7 @@ def variant(
     stores its frozen parameters in that dtype, as ``AdaptedBackbone(frozen_dtype=...)``."""
     model = copy.deepcopy(base)
     if cfg is not None:
+        cfg = {k: v for k, v in cfg.items() if k != "rank_term"}  # a run option, not the adapter's
         mm_spectral.inject(model, dict(cfg, targets=spec.targets))
     if frozen_dtype is not None:
         mm_spectral.cast_frozen(model, getattr(torch, frozen_dtype))
@@ -412,7 +453,9 @@ def amp_check(spec: Backbone, base: nn.Module, args) -> list[str]:
                 target = torch.randn_like(model.forward_features(x).float())
             before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-            step = train_step_fn(model, x, dtype, scaler, target=target)
+            step = with_rank_term(
+                train_step_fn(model, x, dtype, scaler, target=target), cfg.get("rank_term")
+            )
             losses = [step() for _ in range(args.amp_steps)]
             trained = {n: p for n, p in model.named_parameters() if n in before}
             finite = all(torch.isfinite(p).all() for p in trained.values())
@@ -446,7 +489,7 @@ def measure_training(spec: Backbone, base: nn.Module, args) -> list[Result]:
     print(results[-1], flush=True)
     release(args.device)
     for name, cfg in args.adapters.items():
-        results.append(measure(spec, name, on_device(cfg), args))
+        results.append(measure(spec, name, on_device(cfg), args, cfg.get("rank_term")))
         print(results[-1], flush=True)
         release(args.device)
     return results
@@ -465,7 +508,7 @@ def measure_interleaved(spec: Backbone, base: nn.Module, args) -> list[Result]:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         model = variant(base, spec, cfg, args.device, args.frozen_dtype)
-        run = prepare(spec, label, model, args)
+        run = prepare(spec, label, model, args, (cfg or {}).get("rank_term"))
         for _ in range(args.warmup):
             run.step()
         synchronize(args.device)
@@ -608,6 +651,14 @@ def main() -> None:
         help="time only these adapters (names starting with one of the words, e.g. LoRA, "
         "'FLoRA r16'; floor and full FT always run)",
     )
+    parser.add_argument(
+        "--rank-term",
+        nargs="+",
+        default=None,
+        choices=list(RANK_TERMS),
+        help="run each LoRA/DoRA/FLoRA/FoRA variant once per form given: where the plain "
+        "path adds the rank-r term (OPTIONS.rank_term: into the output, the weight, or auto)",
+    )
     args = parser.parse_args()
     modes = args.mode
     if args.interleave and any(m.startswith("compile") for m in modes):
@@ -622,9 +673,14 @@ def main() -> None:
             for name, cfg in args.adapters.items()
             if any(name.startswith(w) for w in args.variants)
         }
+    args.adapters = rank_term_variants(args.adapters, args.rank_term)
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"device: {device_name}; torch {torch.__version__}; timm {timm.__version__}", flush=True)
+    print(
+        f"device: {device_name}; torch {torch.__version__}; timm {timm.__version__}; "
+        f"rank term: {OPTIONS.rank_term}; fused low-rank kernels: {fused_low_rank_mode()}",
+        flush=True,
+    )
     results: list[Result] = []
     inference_lines: list[str] = []
     amp_lines: list[str] = []

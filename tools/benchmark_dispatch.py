@@ -142,7 +142,9 @@ def layer_table(device: str, calls: int, width: int, tokens: int) -> list[tuple[
         deep, shallow = (
             layer_stack(d, width, cfg, trainable, device, frozen_dtype) for d in (16, 8)
         )
-        return (stack_step_us(deep, x, calls, device) - stack_step_us(shallow, x, calls, device)) / 8
+        return (
+            stack_step_us(deep, x, calls, device) - stack_step_us(shallow, x, calls, device)
+        ) / 8
 
     frozen = per_layer(None, False)
     frozen_half = per_layer(None, False, torch.bfloat16)
@@ -160,7 +162,9 @@ def layer_table(device: str, calls: int, width: int, tokens: int) -> list[tuple[
             if previous is not None:
                 set_fused_low_rank_mode(previous)
     lora = LAYER_VARIANTS["LoRA r16"][0]
-    rows.append(("LoRA r16, frozen weights bf16", per_layer(lora, False, torch.bfloat16) - frozen_half))
+    rows.append(
+        ("LoRA r16, frozen weights bf16", per_layer(lora, False, torch.bfloat16) - frozen_half)
+    )
     return rows
 
 

@@ -23,6 +23,7 @@ from ..kernels.dispatch import (
     OPTIONS,
     fused_low_rank_backward,
     fused_low_rank_forward,
+    rank_term_in_weight,
     use_fused_low_rank,
 )
 
@@ -71,54 +72,6 @@ def factor_grad(a: Tensor, b: Tensor, scale: float, dtype: torch.dtype) -> Tenso
     return grad if scale == 1.0 else grad.mul_(scale)
 
 
-def _low_rank_forward(ctx, x, weight, bias, down, up, scale: float):  # type: ignore[no-untyped-def]
-    """(x Wᵀ + b + scale · (x downᵀ) upᵀ as rows (tokens × out) in the compute dtype, the
-    tensors :func:`_low_rank_backward` needs); its options go on ``ctx``."""
-    dtype = _compute_dtype(x)
-    x2 = _as(_rows(x), dtype)
-    d, u = _as(down, dtype), _as(up, dtype)
-    b = None if bias is None else _as(bias, dtype)
-    ctx.fused = use_fused_low_rank(x2, weight, u)
-    if ctx.fused:  # the rank-r term inside the GEMMs' reduction (mm_spectral.kernels)
-        ctx.strategy = OPTIONS.strategy
-        y, x2, w, hidden = fused_low_rank_forward(x2, weight, b, d, u, scale)
-    else:
-        w = _as(weight, dtype)
-        hidden = F.linear(x2, d)
-        y = F.linear(x2, w, b)
-        y.addmm_(hidden, u.t(), alpha=scale)
-    ctx.scale, ctx.x_shape = scale, x.shape
-    ctx.factor_dtypes = (down.dtype, up.dtype)
-    return y, (x2, w, d, u, hidden)
-
-
-def _low_rank_backward(ctx, g, saved, need_x, need_w, need_b, need_d, need_u):  # type: ignore[no-untyped-def]
-    """(dx, dW, db, d_down, d_up) of :func:`_low_rank_forward` for output gradient rows
-    ``g`` (compute dtype); None where not needed. ``saved``: the tensors it saved."""
-    x2, w, d, u, hidden = saved
-    scale = ctx.scale
-    grad_x = grad_w = grad_b = grad_d = grad_u = None
-    if ctx.fused:
-        grad_x, grad_b, grad_d, grad_u = fused_low_rank_backward(
-            g, x2, w, d, u, hidden, scale, need_x, need_b, need_d, need_u, ctx.strategy
-        )
-    else:
-        g_hidden = torch.mm(g, u) if (need_x or need_d) else None
-        if need_x:
-            grad_x = torch.mm(g, w).addmm_(g_hidden, d, alpha=scale)
-        if need_b:
-            grad_b = g.sum(0)
-        if need_d:
-            grad_d = factor_grad(g_hidden.t(), x2, scale, ctx.factor_dtypes[0])
-        if need_u:
-            grad_u = factor_grad(g.t(), hidden, scale, ctx.factor_dtypes[1])
-    if need_x and len(ctx.x_shape) != 2:
-        grad_x = grad_x.view(ctx.x_shape)
-    if need_w:
-        grad_w = torch.mm(g.t(), x2)
-    return grad_x, grad_w, grad_b, grad_d, grad_u
-
-
 def outside_autocast(device_type: str, fn: Callable[..., Tensor], *args: Any) -> Any:
     """``fn(*args)`` with autocast off for ``device_type`` (enabled on entry): weight-space
     products that must stay float32. Flipping the flag directly costs the host a fraction
@@ -145,10 +98,88 @@ def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     key = (a.device, a.dtype)
     zero = _ZEROS.get(key)
     if zero is None:
-        if torch.compiler.is_compiling() or (a.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if torch.compiler.is_compiling() or (
+            a.is_cuda and torch.cuda.is_current_stream_capturing()
+        ):
             return torch.mm(a, b).mul_(scale)  # no tensor cached from inside a graph
         zero = _ZEROS[key] = torch.zeros((), device=a.device, dtype=a.dtype)
     return torch.addmm(zero, a, b, beta=0.0, alpha=scale)
+
+
+def _wide_sum(weight: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
+    """W + scale · up down in the wider of W's and the factors' dtypes (one addmm)."""
+    wide = torch.promote_types(weight.dtype, down.dtype)
+    return torch.addmm(_as(weight, wide), _as(up, wide), _as(down, wide), alpha=scale)
+
+
+def _low_rank_forward(ctx, x, weight, bias, down, up, scale: float):  # type: ignore[no-untyped-def]
+    """(x Wᵀ + b + scale · (x downᵀ) upᵀ as rows (tokens × out) in the compute dtype, the
+    tensors :func:`_low_rank_backward` needs); its options go on ``ctx``."""
+    dtype = _compute_dtype(x)
+    x2 = _as(_rows(x), dtype)
+    d, u = _as(down, dtype), _as(up, dtype)
+    b = None if bias is None else _as(bias, dtype)
+    ctx.fused = use_fused_low_rank(x2, weight, u)
+    ctx.in_weight = not ctx.fused and rank_term_in_weight(x2.shape[0], *weight.shape)
+    if ctx.fused:  # the rank-r term inside the GEMMs' reduction (mm_spectral.kernels)
+        ctx.strategy = OPTIONS.strategy
+        y, x2, w, hidden = fused_low_rank_forward(x2, weight, b, d, u, scale)
+    elif ctx.in_weight:  # y = x (W + s·up·down)ᵀ + b: one GEMM, no extra pass over y
+        # hidden = x downᵀ waits for the backward. A weight stored in the compute dtype
+        # (frozen_dtype) takes the rank term in one GEMM epilogue, rounded once; a wider
+        # one is summed in the wider precision and cast once, as merging does.
+        if weight.dtype == dtype:
+            w = torch.addmm(weight, u, d, alpha=scale)
+        elif torch.is_autocast_enabled(x2.device.type):  # not autocast's half addmm
+            w = _as(outside_autocast(x2.device.type, _wide_sum, weight, down, up, scale), dtype)
+        else:
+            w = _as(_wide_sum(weight, down, up, scale), dtype)
+        hidden = None
+        y = F.linear(x2, w, b)
+    else:
+        w = _as(weight, dtype)
+        hidden = F.linear(x2, d)
+        y = F.linear(x2, w, b)
+        y.addmm_(hidden, u.t(), alpha=scale)
+    ctx.scale, ctx.x_shape = scale, x.shape
+    ctx.factor_dtypes = (down.dtype, up.dtype)
+    return y, (x2, w, d, u, hidden)
+
+
+def _low_rank_backward(ctx, g, saved, need_x, need_w, need_b, need_d, need_u):  # type: ignore[no-untyped-def]
+    """(dx, dW, db, d_down, d_up) of :func:`_low_rank_forward` for output gradient rows
+    ``g`` (compute dtype); None where not needed. ``saved``: the tensors it saved."""
+    x2, w, d, u, hidden = saved
+    scale = ctx.scale
+    grad_x = grad_w = grad_b = grad_d = grad_u = None
+    if ctx.fused:
+        grad_x, grad_b, grad_d, grad_u = fused_low_rank_backward(
+            g, x2, w, d, u, hidden, scale, need_x, need_b, need_d, need_u, ctx.strategy
+        )
+    elif ctx.in_weight:  # w is W + s·up·down: dx in one GEMM
+        if need_x:
+            grad_x = torch.mm(g, w)
+        if need_b:
+            grad_b = g.sum(0)
+        if need_d:
+            grad_d = factor_grad(torch.mm(g, u).t(), x2, scale, ctx.factor_dtypes[0])
+        if need_u:
+            grad_u = factor_grad(g.t(), F.linear(x2, d), scale, ctx.factor_dtypes[1])
+    else:
+        g_hidden = torch.mm(g, u) if (need_x or need_d) else None
+        if need_x:
+            grad_x = torch.mm(g, w).addmm_(g_hidden, d, alpha=scale)
+        if need_b:
+            grad_b = g.sum(0)
+        if need_d:
+            grad_d = factor_grad(g_hidden.t(), x2, scale, ctx.factor_dtypes[0])
+        if need_u:
+            grad_u = factor_grad(g.t(), hidden, scale, ctx.factor_dtypes[1])
+    if need_x and len(ctx.x_shape) != 2:
+        grad_x = grad_x.view(ctx.x_shape)
+    if need_w:
+        grad_w = torch.mm(g.t(), x2)
+    return grad_x, grad_w, grad_b, grad_d, grad_u
 
 
 def _shaped(y: Tensor, x: Tensor) -> Tensor:

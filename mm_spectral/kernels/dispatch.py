@@ -61,6 +61,10 @@ class FusedOptions:
     fuse_down: (strategy "triton") the forward accumulates h = x downᵀ inside its GEMM
         (R/BLOCK_N more tensor-core work) instead of one thin cuBLAS GEMM reading x again.
     fourier_grad: how FourierFT's coefficient gradient is computed on linear layers.
+    rank_term: where the plain-torch path (not the fused kernels) adds a low-rank linear's
+        rank-r term: "auto" — into the weight when the layer has many more tokens than its
+        weight has entries (:func:`rank_term_in_weight`), else into the output; "weight" or
+        "output" — always there (environment: ``MM_SPECTRAL_RANK_TERM``).
     Options are read when an op is issued (so a CUDA graph keeps those of its capture).
     """
 
@@ -69,9 +73,34 @@ class FusedOptions:
     # FourierFT on linear layers: "dense" (backpropagate through ΔW: a gᵀx GEMM) or
     # "sampled" (adapters.fourier_linear: the coefficients' gradient from row spectra).
     fourier_grad: str = "dense"
+    rank_term: str = os.environ.get("MM_SPECTRAL_RANK_TERM", "auto")
 
 
 OPTIONS = FusedOptions()
+RANK_TERMS = ("auto", "weight", "output")
+if OPTIONS.rank_term not in RANK_TERMS:
+    raise ValueError(
+        f"MM_SPECTRAL_RANK_TERM must be one of {RANK_TERMS}, got {OPTIONS.rank_term!r}"
+    )
+
+
+def rank_term_in_weight(tokens: int, out_features: int, in_features: int) -> bool:
+    """Whether y = x (W + s·up·down)ᵀ moves less memory than y = x Wᵀ + s·(x downᵀ) upᵀ.
+
+    Output form, beyond the frozen layer: the rank term re-reads and rewrites y, the input
+    gradient's is re-read and rewritten too — about 2·tokens·(in + out) elements more than
+    the weight form, which instead writes and reads W + s·up·down (float32, then the
+    compute dtype: about 4·in·out). Both read x and the output gradient once more for the
+    factors' gradients. So the weight form wins when tokens · (in + out) > 2 · in · out: a
+    ViT-L linear at 4 × 512² (4100 tokens), every ConvNeXt linear at detection sizes."""
+    if OPTIONS.rank_term != "auto":
+        if OPTIONS.rank_term not in RANK_TERMS:
+            raise ValueError(
+                f"OPTIONS.rank_term must be one of {RANK_TERMS}, got {OPTIONS.rank_term!r}"
+            )
+        return OPTIONS.rank_term == "weight"
+    return tokens * (in_features + out_features) > 2 * in_features * out_features
+
 
 _mode = os.environ.get("MM_SPECTRAL_FUSED_LOW_RANK", "auto")
 if _mode not in MODES:
