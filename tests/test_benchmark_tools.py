@@ -160,13 +160,14 @@ def test_model_benchmark_interleaved_tiny_run():
         "tools/benchmark_model.py",
         *("--preset", "maskrcnn", "--tiny", "--device", "cpu", "--interleave"),
         *("--warmup", "1", "--iters", "2", "--batch", "1", "--size", "64"),
-        *("--only", "floor", "FourierFT"),
+        *("--only", "floor", "DoRA", "--rank-term", "weight"),
     )
     assert "interleaved" in out
     rows = {row[0]: row for row in table_rows(out, "training step")}
-    assert list(rows) == ["floor (Base, frozen)", "FourierFT n3000"]
+    dora = "DoRA r16 (loralib convs) [weight]"  # low-rank variants: one per asked-for form
+    assert list(rows) == ["floor (Base, frozen)", dora]
     assert number(rows["floor (Base, frozen)"][3]) == pytest.approx(1.0)
-    assert number(rows["FourierFT n3000"][1]) > number(rows["floor (Base, frozen)"][1])
+    assert number(rows[dora][1]) > number(rows["floor (Base, frozen)"][1])
     refused = subprocess.run(
         [sys.executable, "tools/benchmark_model.py", "--interleave", "--compile"],
         cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -35,7 +35,8 @@ from mmengine.config import Config  # noqa: E402
 import mm_spectral.openmmlab  # noqa: E402,F401  (registers the project's classes)
 from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
-from tools.benchmark import time_interleaved  # noqa: E402
+from mm_spectral.kernels.dispatch import RANK_TERMS  # noqa: E402
+from tools.benchmark import LOW_RANK, time_interleaved, with_rank_term  # noqa: E402
 
 VARIANTS = {
     "floor (Base, frozen)": "configs/coco/mask-rcnn_convnextv2-l-base_fpn_8xb4-1x_coco.py",
@@ -116,9 +117,10 @@ def synthetic_batch(
     return dict(inputs=inputs, data_samples=samples)
 
 
-def prepare_config(path: str, args) -> tuple[Callable[[], None], int]:
+def prepare_config(path: str, args, rank_term: str | None = None) -> tuple[Callable[[], None], int]:
     """(one training step of the config's model on a fixed synthetic batch, its trainable
-    parameter count), built on the device and warmed up."""
+    parameter count), built on the device and warmed up; with ``OPTIONS.rank_term`` set to
+    ``rank_term`` when given."""
     from mm_spectral.openmmlab import build_model
 
     cfg = Config.fromfile(path)
@@ -187,6 +189,7 @@ def prepare_config(path: str, args) -> tuple[Callable[[], None], int]:
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+    step = with_rank_term(step, rank_term)
     # Past every shape at least twice: compiling meets each shape (and recompiles with
     # dynamic shapes at the second) during warm-up.
     for _ in range(max(args.warmup, 2 * len(inputs) + 1 if args.compile else 0)):
@@ -203,12 +206,12 @@ def peak_gib(args) -> float:
     return (cuda.max_memory_reserved() if args.cuda_graph else cuda.max_memory_allocated()) / 2**30
 
 
-def time_config(path: str, args) -> tuple[float, float, int]:
+def time_config(path: str, args, rank_term: str | None = None) -> tuple[float, float, int]:
     """(median step ms, peak GiB, trainable parameters) of one config, alone on the device."""
     gc.collect()  # the previous variant (a graphed backbone holds a reference cycle)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    step, trainable = prepare_config(path, args)
+    step, trainable = prepare_config(path, args, rank_term)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -216,16 +219,18 @@ def time_config(path: str, args) -> tuple[float, float, int]:
     return ms, peak_gib(args), trainable
 
 
-def time_configs_interleaved(paths: list[str], args) -> list[tuple[float, float, int]]:
-    """Every config's model resident at once, timed in alternating rounds, so that a drift
-    of the host's speed hits all alike; peaks are each model's own (above what was resident
-    before it was built, over its warm-up)."""
+def time_configs_interleaved(
+    runs: list[tuple[str, str | None]], args
+) -> list[tuple[float, float, int]]:
+    """Every (config, rank term) model resident at once, timed in alternating rounds, so
+    that a drift of the host's speed hits all alike; peaks are each model's own (above what
+    was resident before it was built, over its warm-up)."""
     steps, peaks, counts = [], [], []
-    for path in paths:
+    for path, rank_term in runs:
         resident = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        step, trainable = prepare_config(path, args)
+        step, trainable = prepare_config(path, args, rank_term)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         peaks.append(max(0.0, peak_gib(args) - resident / 2**30))
@@ -282,6 +287,14 @@ def main() -> None:
         "800x1088 736x1344: keep-ratio resizes padded to 32, as COCO's pipeline gives); "
         "default: one square --size",
     )
+    parser.add_argument(
+        "--rank-term",
+        nargs="+",
+        default=None,
+        choices=list(RANK_TERMS),
+        help="run each LoRA/DoRA/FLoRA/FoRA variant once per form given (OPTIONS.rank_term: "
+        "the rank-r term added to the output, to the weight, or auto)",
+    )
     args = parser.parse_args()
     if args.compile and args.cuda_graph:
         parser.error("use one of --compile and --cuda-graph")
@@ -309,10 +322,17 @@ def main() -> None:
         for name, path in presets[args.preset].items()
         if not args.only or any(word in name for word in args.only)
     }
+    # (label, config, rank term): low-rank variants once per asked-for form
+    runs: list[tuple[str, str, str | None]] = []
+    for name, path in chosen.items():
+        low_rank = any(name.startswith(method) for method in LOW_RANK)
+        for term in args.rank_term if args.rank_term and low_rank else [None]:
+            runs.append((f"{name} [{term}]" if term else name, path, term))
+    chosen = {label: path for label, path, _ in runs}
     if args.interleave:
-        measured = time_configs_interleaved(list(chosen.values()), args)
+        measured = time_configs_interleaved([(path, term) for _, path, term in runs], args)
     else:
-        measured = (time_config(path, args) for path in chosen.values())
+        measured = (time_config(path, args, term) for _, path, term in runs)
     rows = []
     for name, (ms, peak, trainable) in zip(chosen, measured):
         rows.append((name, ms, peak, trainable))
