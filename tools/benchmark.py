@@ -248,6 +248,18 @@ def rank_term_variants(adapters: dict[str, dict], terms: list[str] | None) -> di
     return expanded
 
 
+def add_rank_term_argument(parser: argparse.ArgumentParser) -> None:
+    """``--rank-term``, shared by the benchmark scripts (see :func:`rank_term_variants`)."""
+    parser.add_argument(
+        "--rank-term",
+        nargs="+",
+        default=None,
+        choices=list(RANK_TERMS),
+        help="run each LoRA/DoRA/FLoRA/FoRA variant once per form given: where the plain "
+        "path adds the rank-r term (OPTIONS.rank_term: into the output, the weight, or auto)",
+    )
+
+
 def with_rank_term(step: Callable[[], float], term: str | None) -> Callable[[], float]:
     """``step`` run with ``OPTIONS.rank_term`` set to ``term`` (read as each op is issued,
     so interleaved variants each keep their own)."""
@@ -651,14 +663,7 @@ def main() -> None:
         help="time only these adapters (names starting with one of the words, e.g. LoRA, "
         "'FLoRA r16'; floor and full FT always run)",
     )
-    parser.add_argument(
-        "--rank-term",
-        nargs="+",
-        default=None,
-        choices=list(RANK_TERMS),
-        help="run each LoRA/DoRA/FLoRA/FoRA variant once per form given: where the plain "
-        "path adds the rank-r term (OPTIONS.rank_term: into the output, the weight, or auto)",
-    )
+    add_rank_term_argument(parser)
     args = parser.parse_args()
     modes = args.mode
     if args.interleave and any(m.startswith("compile") for m in modes):

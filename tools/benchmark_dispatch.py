@@ -30,11 +30,7 @@ from torch import nn  # noqa: E402
 
 import mm_spectral  # noqa: E402
 from mm_spectral.kernels import set_fused_low_rank_mode, triton_available  # noqa: E402
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from tools.benchmark import synchronize  # noqa: E402
 
 
 def per_call_us(fn: Callable[[], object], device: str, calls: int, rounds: int = 3) -> float:

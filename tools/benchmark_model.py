@@ -35,8 +35,12 @@ from mmengine.config import Config  # noqa: E402
 import mm_spectral.openmmlab  # noqa: E402,F401  (registers the project's classes)
 from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
-from mm_spectral.kernels.dispatch import RANK_TERMS  # noqa: E402
-from tools.benchmark import LOW_RANK, time_interleaved, with_rank_term  # noqa: E402
+from tools.benchmark import (  # noqa: E402
+    LOW_RANK,
+    add_rank_term_argument,
+    time_interleaved,
+    with_rank_term,
+)
 
 VARIANTS = {
     "floor (Base, frozen)": "configs/coco/mask-rcnn_convnextv2-l-base_fpn_8xb4-1x_coco.py",
@@ -287,14 +291,7 @@ def main() -> None:
         "800x1088 736x1344: keep-ratio resizes padded to 32, as COCO's pipeline gives); "
         "default: one square --size",
     )
-    parser.add_argument(
-        "--rank-term",
-        nargs="+",
-        default=None,
-        choices=list(RANK_TERMS),
-        help="run each LoRA/DoRA/FLoRA/FoRA variant once per form given (OPTIONS.rank_term: "
-        "the rank-r term added to the output, to the weight, or auto)",
-    )
+    add_rank_term_argument(parser)
     args = parser.parse_args()
     if args.compile and args.cuda_graph:
         parser.error("use one of --compile and --cuda-graph")
