@@ -190,8 +190,10 @@ def test_dispatch_cost_benchmark_tiny_run():
         "frozen linear, weights stored bf16 (absolute)",
         "full fine-tuning",
         "LoRA r16",
+        "LoRA r16, Python autograd function",
         "DoRA r16",
         "FLoRA r16",
+        "FLoRA r16, Python autograd function",
         "LoRA r16, frozen weights bf16",
     }  # the fused-kernel row needs a GPU
     assert all(math.isfinite(v) for v in [*ops.values(), *layers.values()])

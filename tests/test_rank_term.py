@@ -77,8 +77,14 @@ def test_rank_term_in_a_bf16_stored_weight_under_autocast(monkeypatch):
 
 def test_auto_rank_term_follows_tokens_against_weight_size(monkeypatch):
     monkeypatch.setattr(OPTIONS, "rank_term", "auto")
-    assert rank_term_in_weight(4100, 4096, 1024)  # ViT-L fc1 at 4 x 512²
-    assert rank_term_in_weight(131072, 768, 192)  # ConvNeXt-V2-L stage 1 fc1 at 2 x 1024²
+    # Measured faster in the output form: every ViT-L linear at 4 × 512² (4100 tokens).
+    for out_features, in_features in ((4096, 1024), (1024, 4096), (3072, 1024), (1024, 1024)):
+        assert not rank_term_in_weight(4100, out_features, in_features)
+    # Measured faster in the weight form: ConvNeXt-V2-L at 2 × 1024² (stages 0–2).
+    assert rank_term_in_weight(131072, 768, 192)  # stage 0 fc1
+    assert rank_term_in_weight(8192, 3072, 768)  # stage 2 fc1
+    assert rank_term_in_weight(8192, 768, 3072)  # stage 2 fc2
+    assert not rank_term_in_weight(2048, 6144, 1536)  # stage 3: few tokens
     assert not rank_term_in_weight(64, 4096, 1024)  # a few tokens: the output form
     monkeypatch.setattr(OPTIONS, "rank_term", "output")
     assert not rank_term_in_weight(4100, 4096, 1024)

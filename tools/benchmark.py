@@ -37,7 +37,12 @@ from torch._dynamo.utils import counters  # noqa: E402
 import mm_spectral  # noqa: E402
 from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
-from mm_spectral.kernels import OPTIONS, fused_low_rank_mode  # noqa: E402
+from mm_spectral.kernels import (  # noqa: E402
+    OPTIONS,
+    fused_low_rank_mode,
+    native_mode,
+    set_native_mode,
+)
 from mm_spectral.kernels.dispatch import RANK_TERMS  # noqa: E402
 from mm_spectral.state import atomic_write_text  # noqa: E402
 from tools import peers  # noqa: E402
@@ -232,24 +237,35 @@ class Prepared:
 
 
 LOW_RANK = ("LoRA", "DoRA", "FLoRA", "FoRA")  # the methods OPTIONS.rank_term applies to
+NATIVE = ("LoRA", "FLoRA", "FoRA")  # the methods whose linears can take the C++ node
+RUN_OPTIONS = ("rank_term", "native")  # variant keys that set how it runs, not the adapter
 
 
-def rank_term_variants(adapters: dict[str, dict], terms: list[str] | None) -> dict[str, dict]:
-    """Each low-rank adapter once per rank-term form (``OPTIONS.rank_term``), labelled with
-    it, when forms are asked for; the other adapters once."""
-    if not terms:
+def path_variants(
+    adapters: dict[str, dict], terms: list[str] | None, natives: list[str] | None = None
+) -> dict[str, dict]:
+    """Each low-rank adapter once per rank-term form (``OPTIONS.rank_term``) and native
+    mode (:mod:`mm_spectral.kernels.native`) asked for, labelled with them; the other
+    adapters once."""
+    if not terms and not natives:
         return adapters
     expanded = {}
     for name, cfg in adapters.items():
-        if cfg["type"] in LOW_RANK:
-            expanded.update({f"{name} [{term}]": dict(cfg, rank_term=term) for term in terms})
-        else:
-            expanded[name] = cfg
+        method = cfg["type"]
+        method_terms = (terms or [None]) if method in LOW_RANK else [None]
+        method_natives = (natives or [None]) if method in NATIVE else [None]
+        for term in method_terms:
+            for native in method_natives:
+                options = {k: v for k, v in (("rank_term", term), ("native", native)) if v}
+                tags = [term or "", f"native {native}" if native else ""]
+                label = ", ".join(t for t in tags if t)
+                expanded[f"{name} [{label}]" if label else name] = dict(cfg, **options)
     return expanded
 
 
 def add_rank_term_argument(parser: argparse.ArgumentParser) -> None:
-    """``--rank-term``, shared by the benchmark scripts (see :func:`rank_term_variants`)."""
+    """``--rank-term`` and ``--native``, shared by the benchmark scripts (see
+    :func:`path_variants`)."""
     parser.add_argument(
         "--rank-term",
         nargs="+",
@@ -258,29 +274,45 @@ def add_rank_term_argument(parser: argparse.ArgumentParser) -> None:
         help="run each LoRA/DoRA/FLoRA/FoRA variant once per form given: where the plain "
         "path adds the rank-r term (OPTIONS.rank_term: into the output, the weight, or auto)",
     )
+    parser.add_argument(
+        "--native",
+        nargs="+",
+        default=None,
+        choices=["auto", "off"],
+        help="run each LoRA/FLoRA/FoRA variant once per native mode given: 'off' steps "
+        "adapted linears through the Python autograd function instead of the C++ node",
+    )
 
 
-def with_rank_term(step: Callable[[], float], term: str | None) -> Callable[[], float]:
-    """``step`` run with ``OPTIONS.rank_term`` set to ``term`` (read as each op is issued,
-    so interleaved variants each keep their own)."""
-    if term is None:
+def run_options(cfg: dict | None) -> dict[str, str]:
+    """The run options (``RUN_OPTIONS``) a variant's config carries."""
+    return {k: cfg[k] for k in RUN_OPTIONS if cfg and k in cfg}
+
+
+def with_run_options(step: Callable[[], float], options: dict[str, str]) -> Callable[[], float]:
+    """``step`` run with ``OPTIONS.rank_term`` and the native mode set as ``options`` say
+    (both read as each op is issued, so interleaved variants each keep their own)."""
+    if not options:
         return step
 
     def run() -> float:
-        previous, OPTIONS.rank_term = OPTIONS.rank_term, term
+        term, native = OPTIONS.rank_term, native_mode()
+        OPTIONS.rank_term = options.get("rank_term", term)
+        set_native_mode(options.get("native", native))
         try:
             return step()
         finally:
-            OPTIONS.rank_term = previous
+            OPTIONS.rank_term = term
+            set_native_mode(native)
 
     return run
 
 
 def prepare(
-    spec: Backbone, label: str, model: nn.Module, args, rank_term: str | None = None
+    spec: Backbone, label: str, model: nn.Module, args, options: dict[str, str] | None = None
 ) -> Prepared:
     """The training step of ``model`` (already on the device) on a fixed random batch,
-    with ``OPTIONS.rank_term`` set to ``rank_term`` when given."""
+    run with ``options`` (:func:`with_run_options`)."""
     if args.mode.startswith("compile"):
         # A fresh cache per variant: each adds guards to the same code objects, and past
         # dynamo's recompile limit a model would silently run eagerly.
@@ -296,7 +328,7 @@ def prepare(
     # float16 steps scale the loss, as OpenMMLab's AmpOptimWrapper does (mmdet's AMP).
     scaler = torch.amp.GradScaler(x.device.type) if dtype == torch.float16 else None
     step = train_step_fn(model, x, dtype, scaler, mode=args.mode, batched_spectra=batched)
-    return Prepared(label, model, with_rank_term(step, rank_term), batched)
+    return Prepared(label, model, with_run_options(step, options or {}), batched)
 
 
 def peak_gib(args) -> float:
@@ -321,14 +353,14 @@ def result(spec: Backbone, run: Prepared, ms: float, peak: float, args) -> Resul
 
 
 def measure(
-    spec: Backbone, label: str, model: nn.Module, args, rank_term: str | None = None
+    spec: Backbone, label: str, model: nn.Module, args, options: dict[str, str] | None = None
 ) -> Result:
     """Times ``model`` (already on the device, the only model there) and records its peak."""
     if args.device.startswith("cuda"):
         gc.collect()  # a graphed previous variant is a reference cycle
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    run = prepare(spec, label, model, args, rank_term)
+    run = prepare(spec, label, model, args, options)
     ms = time_steps(run.step, args.device, args.warmup, args.iters)
     if args.profile and any(key in label for key in args.profile):
         profile(run.step, f"{spec.name} {label}", args)
@@ -372,7 +404,7 @@ def variant(
     stores its frozen parameters in that dtype, as ``AdaptedBackbone(frozen_dtype=...)``."""
     model = copy.deepcopy(base)
     if cfg is not None:
-        cfg = {k: v for k, v in cfg.items() if k != "rank_term"}  # a run option, not the adapter's
+        cfg = {k: v for k, v in cfg.items() if k not in RUN_OPTIONS}
         mm_spectral.inject(model, dict(cfg, targets=spec.targets))
     if frozen_dtype is not None:
         mm_spectral.cast_frozen(model, getattr(torch, frozen_dtype))
@@ -465,8 +497,8 @@ def amp_check(spec: Backbone, base: nn.Module, args) -> list[str]:
                 target = torch.randn_like(model.forward_features(x).float())
             before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-            step = with_rank_term(
-                train_step_fn(model, x, dtype, scaler, target=target), cfg.get("rank_term")
+            step = with_run_options(
+                train_step_fn(model, x, dtype, scaler, target=target), run_options(cfg)
             )
             losses = [step() for _ in range(args.amp_steps)]
             trained = {n: p for n, p in model.named_parameters() if n in before}
@@ -501,7 +533,7 @@ def measure_training(spec: Backbone, base: nn.Module, args) -> list[Result]:
     print(results[-1], flush=True)
     release(args.device)
     for name, cfg in args.adapters.items():
-        results.append(measure(spec, name, on_device(cfg), args, cfg.get("rank_term")))
+        results.append(measure(spec, name, on_device(cfg), args, run_options(cfg)))
         print(results[-1], flush=True)
         release(args.device)
     return results
@@ -520,7 +552,7 @@ def measure_interleaved(spec: Backbone, base: nn.Module, args) -> list[Result]:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         model = variant(base, spec, cfg, args.device, args.frozen_dtype)
-        run = prepare(spec, label, model, args, (cfg or {}).get("rank_term"))
+        run = prepare(spec, label, model, args, run_options(cfg))
         for _ in range(args.warmup):
             run.step()
         synchronize(args.device)
@@ -678,12 +710,13 @@ def main() -> None:
             for name, cfg in args.adapters.items()
             if any(name.startswith(w) for w in args.variants)
         }
-    args.adapters = rank_term_variants(args.adapters, args.rank_term)
+    args.adapters = path_variants(args.adapters, args.rank_term, args.native)
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"device: {device_name}; torch {torch.__version__}; timm {timm.__version__}; "
-        f"rank term: {OPTIONS.rank_term}; fused low-rank kernels: {fused_low_rank_mode()}",
+        f"rank term: {OPTIONS.rank_term}; fused low-rank kernels: {fused_low_rank_mode()}; "
+        f"native low-rank linear: {native_mode()}",
         flush=True,
     )
     results: list[Result] = []

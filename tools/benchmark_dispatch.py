@@ -7,8 +7,9 @@ host issues the next, and the time per call is the host's. Two tables:
 
 - single ops: casts, elementwise, each GEMM form, a Triton launch;
 - one adapted linear's forward + backward under bf16 autocast above a frozen linear's:
-  full fine-tuning, LoRA, DoRA, FLoRA, LoRA with the fused kernels forced on for eager
-  steps, and LoRA with the frozen weights stored in bf16 (no cast per step).
+  full fine-tuning, LoRA, DoRA, FLoRA (LoRA and FLoRA through the C++ autograd node and
+  through the Python function), LoRA with the fused kernels forced on for eager steps,
+  and LoRA with the frozen weights stored in bf16 (no cast per step).
 
     python tools/benchmark_dispatch.py
     python tools/benchmark_dispatch.py --device cpu --calls 50   # smoke run (tested)
@@ -29,7 +30,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mm_spectral  # noqa: E402
-from mm_spectral.kernels import set_fused_low_rank_mode, triton_available  # noqa: E402
+from mm_spectral.kernels import (  # noqa: E402
+    native_mode,
+    set_fused_low_rank_mode,
+    set_native_mode,
+    triton_available,
+)
 from tools.benchmark import synchronize  # noqa: E402
 
 
@@ -90,13 +96,18 @@ def triton_launch(a: torch.Tensor, out: torch.Tensor) -> Callable[[], object]:
     return lambda: copy_kernel[(1,)](a, out, 64, BLOCK=64)
 
 
-LAYER_VARIANTS: dict[str, tuple[dict | None, str | None]] = {
-    # name: (adapter config or None for full fine-tuning, fused low-rank mode to force)
-    "full fine-tuning": (None, None),
-    "LoRA r16": (dict(type="LoRA", rank=16, alpha=16), None),
-    "LoRA r16, fused kernels forced on": (dict(type="LoRA", rank=16, alpha=16), "on"),
-    "DoRA r16": (dict(type="DoRA", rank=16, alpha=16), None),
-    "FLoRA r16": (dict(type="FLoRA", rank=16, kernel_rank=2, scale=4.0), None),
+LORA = dict(type="LoRA", rank=16, alpha=16)
+FLORA = dict(type="FLoRA", rank=16, kernel_rank=2, scale=4.0)
+LAYER_VARIANTS: dict[str, tuple[dict | None, str | None, str | None]] = {
+    # name: (adapter config or None for full fine-tuning, fused low-rank mode to force,
+    # native mode to force: "off" = the Python autograd function instead of the C++ node)
+    "full fine-tuning": (None, None, None),
+    "LoRA r16": (LORA, None, None),
+    "LoRA r16, Python autograd function": (LORA, None, "off"),
+    "LoRA r16, fused kernels forced on": (LORA, "on", None),
+    "DoRA r16": (dict(type="DoRA", rank=16, alpha=16), None, None),
+    "FLoRA r16": (FLORA, None, None),
+    "FLoRA r16, Python autograd function": (FLORA, None, "off"),
 }
 
 
@@ -148,18 +159,20 @@ def layer_table(device: str, calls: int, width: int, tokens: int) -> list[tuple[
         ("frozen linear (absolute)", frozen),
         ("frozen linear, weights stored bf16 (absolute)", frozen_half),
     ]
-    for name, (cfg, fused) in LAYER_VARIANTS.items():
+    for name, (cfg, fused, native) in LAYER_VARIANTS.items():
         if fused and not (device.startswith("cuda") and triton_available()):
             continue
-        previous = set_fused_low_rank_mode(fused) if fused else None
+        previous_fused = set_fused_low_rank_mode(fused) if fused else None
+        previous_native = set_native_mode(native) if native else None
         try:
             rows.append((name, per_layer(cfg, cfg is None) - frozen))
         finally:
-            if previous is not None:
-                set_fused_low_rank_mode(previous)
-    lora = LAYER_VARIANTS["LoRA r16"][0]
+            if previous_fused is not None:
+                set_fused_low_rank_mode(previous_fused)
+            if previous_native is not None:
+                set_native_mode(previous_native)
     rows.append(
-        ("LoRA r16, frozen weights bf16", per_layer(lora, False, torch.bfloat16) - frozen_half)
+        ("LoRA r16, frozen weights bf16", per_layer(LORA, False, torch.bfloat16) - frozen_half)
     )
     return rows
 
@@ -174,6 +187,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     ops = op_table(args.device, args.calls, args.width)
     layers = layer_table(args.device, max(1, args.calls // 8), args.width, args.tokens)
+    print(f"native low-rank linear: {native_mode()}")
     print(f"\n### Host µs per op ({args.width}×{args.width} bf16) — {name}\n")
     print("| op | µs |\n|---|---|")
     for op, us in ops:

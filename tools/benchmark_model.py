@@ -36,10 +36,11 @@ import mm_spectral.openmmlab  # noqa: E402,F401  (registers the project's classe
 from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 from tools.benchmark import (  # noqa: E402
-    LOW_RANK,
     add_rank_term_argument,
+    path_variants,
+    run_options,
     time_interleaved,
-    with_rank_term,
+    with_run_options,
 )
 
 VARIANTS = {
@@ -121,10 +122,12 @@ def synthetic_batch(
     return dict(inputs=inputs, data_samples=samples)
 
 
-def prepare_config(path: str, args, rank_term: str | None = None) -> tuple[Callable[[], None], int]:
+def prepare_config(
+    path: str, args, options: dict[str, str] | None = None
+) -> tuple[Callable[[], None], int]:
     """(one training step of the config's model on a fixed synthetic batch, its trainable
-    parameter count), built on the device and warmed up; with ``OPTIONS.rank_term`` set to
-    ``rank_term`` when given."""
+    parameter count), built on the device and warmed up; run with ``options``
+    (``OPTIONS.rank_term``, the native mode: ``benchmark.with_run_options``)."""
     from mm_spectral.openmmlab import build_model
 
     cfg = Config.fromfile(path)
@@ -193,7 +196,7 @@ def prepare_config(path: str, args, rank_term: str | None = None) -> tuple[Calla
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    step = with_rank_term(step, rank_term)
+    step = with_run_options(step, options or {})
     # Past every shape at least twice: compiling meets each shape (and recompiles with
     # dynamic shapes at the second) during warm-up.
     for _ in range(max(args.warmup, 2 * len(inputs) + 1 if args.compile else 0)):
@@ -210,12 +213,12 @@ def peak_gib(args) -> float:
     return (cuda.max_memory_reserved() if args.cuda_graph else cuda.max_memory_allocated()) / 2**30
 
 
-def time_config(path: str, args, rank_term: str | None = None) -> tuple[float, float, int]:
+def time_config(path: str, args, options: dict[str, str] | None = None) -> tuple[float, float, int]:
     """(median step ms, peak GiB, trainable parameters) of one config, alone on the device."""
     gc.collect()  # the previous variant (a graphed backbone holds a reference cycle)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    step, trainable = prepare_config(path, args, rank_term)
+    step, trainable = prepare_config(path, args, options)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -224,17 +227,17 @@ def time_config(path: str, args, rank_term: str | None = None) -> tuple[float, f
 
 
 def time_configs_interleaved(
-    runs: list[tuple[str, str | None]], args
+    runs: list[tuple[str, dict[str, str]]], args
 ) -> list[tuple[float, float, int]]:
-    """Every (config, rank term) model resident at once, timed in alternating rounds, so
+    """Every (config, run options) model resident at once, timed in alternating rounds, so
     that a drift of the host's speed hits all alike; peaks are each model's own (above what
     was resident before it was built, over its warm-up)."""
     steps, peaks, counts = [], [], []
-    for path, rank_term in runs:
+    for path, options in runs:
         resident = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        step, trainable = prepare_config(path, args, rank_term)
+        step, trainable = prepare_config(path, args, options)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         peaks.append(max(0.0, peak_gib(args) - resident / 2**30))
@@ -319,17 +322,19 @@ def main() -> None:
         for name, path in presets[args.preset].items()
         if not args.only or any(word in name for word in args.only)
     }
-    # (label, config, rank term): low-rank variants once per asked-for form
-    runs: list[tuple[str, str, str | None]] = []
-    for name, path in chosen.items():
-        low_rank = any(name.startswith(method) for method in LOW_RANK)
-        for term in args.rank_term if args.rank_term and low_rank else [None]:
-            runs.append((f"{name} [{term}]" if term else name, path, term))
+    # Low-rank variants once per asked-for rank-term form and native mode.
+    methods = {name: name.split()[0] for name in chosen}
+    expanded = path_variants(
+        {name: dict(type=methods[name], path=path) for name, path in chosen.items()},
+        args.rank_term,
+        args.native,
+    )
+    runs = [(label, cfg["path"], run_options(cfg)) for label, cfg in expanded.items()]
     chosen = {label: path for label, path, _ in runs}
     if args.interleave:
-        measured = time_configs_interleaved([(path, term) for _, path, term in runs], args)
+        measured = time_configs_interleaved([(path, opts) for _, path, opts in runs], args)
     else:
-        measured = (time_config(path, args, term) for _, path, term in runs)
+        measured = (time_config(path, args, opts) for _, path, opts in runs)
     rows = []
     for name, (ms, peak, trainable) in zip(chosen, measured):
         rows.append((name, ms, peak, trainable))

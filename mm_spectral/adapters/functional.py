@@ -26,6 +26,7 @@ from ..kernels.dispatch import (
     rank_term_in_weight,
     use_fused_low_rank,
 )
+from ..kernels.native import native_ops
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -273,6 +274,14 @@ class DeltaLinear(torch.autograd.Function):
 def low_rank_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float
 ) -> Tensor:
+    """y = x Wᵀ + b + scale · (x downᵀ) upᵀ: eagerly by the C++ node
+    (:mod:`mm_spectral.kernels.native`) where it built, else by :class:`LowRankLinear`
+    (while compiling, where the fused kernels qualify, or without the C++ node)."""
+    if not torch.compiler.is_compiling():
+        native = native_ops()
+        if native is not None and not use_fused_low_rank(x, weight, up, _compute_dtype(x)):
+            in_weight = rank_term_in_weight(x.numel() // x.shape[-1], *weight.shape)
+            return native.low_rank_linear(x, weight, bias, down, up, scale, in_weight)
     return LowRankLinear.apply(x, weight, bias, down, up, scale)
 
 

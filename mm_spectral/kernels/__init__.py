@@ -16,6 +16,7 @@ from .dispatch import (
     triton_available,
     use_fused_low_rank,
 )
+from .native import native_mode, set_native_mode
 
 __all__ = [
     "triton_available",
@@ -24,4 +25,6 @@ __all__ = [
     "fused_low_rank_mode",
     "set_fused_low_rank_mode",
     "use_fused_low_rank",
+    "native_mode",
+    "set_native_mode",
 ]

@@ -84,22 +84,29 @@ if OPTIONS.rank_term not in RANK_TERMS:
     )
 
 
-def rank_term_in_weight(tokens: int, out_features: int, in_features: int) -> bool:
-    """Whether y = x (W + s·up·down)ᵀ moves less memory than y = x Wᵀ + s·(x downᵀ) upᵀ.
+# Weight form where tokens · (in + out) exceeds this multiple of in · out (see below).
+WEIGHT_FORM_RATIO = 10
 
-    Output form, beyond the frozen layer: the rank term re-reads and rewrites y, the input
-    gradient's is re-read and rewritten too — about 2·tokens·(in + out) elements more than
-    the weight form, which instead writes and reads W + s·up·down (float32, then the
-    compute dtype: about 4·in·out). Both read x and the output gradient once more for the
-    factors' gradients. So the weight form wins when tokens · (in + out) > 2 · in · out: a
-    ViT-L linear at 4 × 512² (4100 tokens), every ConvNeXt linear at detection sizes."""
+
+def rank_term_in_weight(tokens: int, out_features: int, in_features: int) -> bool:
+    """Whether to step y = x (W + s·up·down)ᵀ rather than y = x Wᵀ + s·(x downᵀ) upᵀ.
+
+    Output form, beyond the frozen layer: the rank term re-reads and rewrites y, and the
+    input gradient is re-read and rewritten too, about 2·tokens·(in + out) elements; the
+    weight form instead sums W + s·up·down in float32 and casts it, a few passes over
+    in·out elements. By bytes alone the weight form wins from tokens·(in + out) > 2·in·out,
+    but measured on an H100 (whole steps, interleaved, the C++ node) it lost on every ViT-L
+    linear at 4 × 512² (ratio tokens·(in + out) / (in·out) of 4–8: LoRA 69.8 against 63.0
+    ms) and won on Mask R-CNN with ConvNeXt-V2-L at 2 × 1024², where most adapted linears
+    have ratios of 13 and more (LoRA 221.4 against 228.8 ms). The threshold sits between
+    the two: ``WEIGHT_FORM_RATIO``."""
     if OPTIONS.rank_term != "auto":
         if OPTIONS.rank_term not in RANK_TERMS:
             raise ValueError(
                 f"OPTIONS.rank_term must be one of {RANK_TERMS}, got {OPTIONS.rank_term!r}"
             )
         return OPTIONS.rank_term == "weight"
-    return tokens * (in_features + out_features) > 2 * in_features * out_features
+    return tokens * (in_features + out_features) > WEIGHT_FORM_RATIO * in_features * out_features
 
 
 _mode = os.environ.get("MM_SPECTRAL_FUSED_LOW_RANK", "auto")
@@ -121,10 +128,13 @@ def set_fused_low_rank_mode(mode: str) -> str:
     return previous
 
 
-def use_fused_low_rank(x2: Tensor, weight: Tensor, up: Tensor) -> bool:
+def use_fused_low_rank(
+    x2: Tensor, weight: Tensor, up: Tensor, dtype: torch.dtype | None = None
+) -> bool:
     """Whether ``y = x2 Wᵀ + b + s (x2 downᵀ) upᵀ`` should run through the Triton kernels.
 
-    All operands are already in the compute dtype; ``x2`` is 2-D (tokens × in-features).
+    ``dtype``: the compute dtype, where ``x2`` is not cast to it yet (default: x2's).
+    ``x2``'s last dimension holds the in-features.
     """
     if _mode == "off" or torch.compiler.is_compiling():  # the compiler makes its own kernels
         return False
@@ -133,14 +143,14 @@ def use_fused_low_rank(x2: Tensor, weight: Tensor, up: Tensor) -> bool:
     out_features, in_features = weight.shape
     return (
         x2.is_cuda
-        and x2.dtype in _HALF
+        and (x2.dtype if dtype is None else dtype) in _HALF
         and up.shape[1] <= MAX_RANK
         # 16-byte aligned rows for vector loads; narrower layers gain nothing anyway.
         and out_features % 8 == 0
         and in_features % 8 == 0
         and out_features >= 64
         and in_features >= 64
-        and x2.shape[0] > 0
+        and x2.numel() > 0
         and (_mode == "on" or off_default_stream(x2.device))
         and triton_available()
     )

@@ -1,0 +1,91 @@
+"""The adapted linear as one C++ autograd node, built on first use.
+
+An eager training step of a ViT with an adapter on every linear is bound by the host:
+issuing an op from Python costs 10–20 µs, and a Python ``autograd.Function`` adds its own
+bookkeeping on top. ``native/low_rank_linear.cpp`` issues the same ops as
+:class:`mm_spectral.adapters.functional.LowRankLinear` (the tests hold the two equal) from
+C++, in one C++ autograd node. It is compiled once per machine and torch version by
+``torch.utils.cpp_extension`` (about a minute; cached under ``TORCH_EXTENSIONS_DIR``).
+
+``MM_SPECTRAL_NATIVE`` (or :func:`set_native_mode`) picks:
+
+- ``auto`` (default): build on first use; if the build fails (no compiler or ninja), warn
+  once and keep the Python function;
+- ``on``: as auto, but a failed build raises;
+- ``off``: never (the Python function).
+
+The native node serves eager steps. While ``torch.compile`` traces, and where the fused
+Triton kernels qualify (CUDA-graph capture), the Python function runs instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import os.path as osp
+import warnings
+from types import ModuleType
+
+MODES = ("auto", "on", "off")
+SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), "native", "low_rank_linear.cpp")
+
+_mode = os.environ.get("MM_SPECTRAL_NATIVE", "auto")
+if _mode not in MODES:
+    raise ValueError(f"MM_SPECTRAL_NATIVE must be one of {MODES}, got {_mode!r}")
+
+
+def native_mode() -> str:
+    """The current mode: 'auto', 'on' or 'off'."""
+    return _mode
+
+
+def set_native_mode(mode: str) -> str:
+    """Set the mode (see the module docstring); returns the previous one."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"native mode must be one of {MODES}, got {mode!r}")
+    previous, _mode = _mode, mode
+    return previous
+
+
+@functools.cache
+def _build() -> ModuleType | Exception:
+    """The compiled module, or the error its build raised (built once per process)."""
+    from torch.utils.cpp_extension import load
+
+    logging.getLogger("mm_spectral").info(
+        "mm_spectral: building the native low-rank linear (once per machine; about a minute)"
+    )
+    try:
+        return load(
+            name="mm_spectral_native",
+            sources=[SOURCE],
+            extra_cflags=["-O2"],
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, incompatible headers
+        return error
+
+
+def native_ops() -> ModuleType | None:
+    """The compiled module, or None where it is off or did not build (see the modes)."""
+    if _mode == "off":
+        return None
+    built = _build()
+    if isinstance(built, Exception):
+        if _mode == "on":
+            raise RuntimeError(f"the native low-rank linear did not build: {built}") from built
+        _warn_once(built)
+        return None
+    return built
+
+
+@functools.cache
+def _warn_once(error: Exception) -> None:
+    warnings.warn(
+        f"mm_spectral: the native low-rank linear did not build ({type(error).__name__}: "
+        f"{str(error)[:300]}); adapted linears use the Python autograd function. "
+        "MM_SPECTRAL_NATIVE=off silences this.",
+        stacklevel=3,
+    )

@@ -1,0 +1,157 @@
+"""The C++ autograd node for adapted linears (``mm_spectral.kernels.native``) against the
+Python ``LowRankLinear`` it replaces in eager steps, against finite differences, and its
+modes: a failed build falls back with a warning ('auto') or raises ('on')."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm_spectral.adapters.functional import LowRankLinear, low_rank_linear
+from mm_spectral.kernels import OPTIONS, native, set_native_mode
+
+from conftest import make_case
+
+# Methods whose adapted linears run through low_rank_linear.
+METHODS = ["LoRA", "FLoRA", "FoRA", "LoRA-rows", "FoRA-rows"]
+
+
+@pytest.fixture
+def native_module():
+    previous = set_native_mode("on")
+    try:
+        yield native.native_ops()
+    finally:
+        set_native_mode(previous)
+
+
+def step(method, mode, rank_term, monkeypatch, autocast=False, train_base=False):
+    """Output, gradients and the grad_fn's type name of one forward + backward."""
+    model, x = make_case(method, "linear")
+    model.layer.weight.requires_grad_(train_base)
+    model.layer.bias.requires_grad_(train_base)
+    x.requires_grad_(True)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    monkeypatch.setattr(OPTIONS, "rank_term", rank_term)
+    previous = set_native_mode(mode)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        grads = torch.autograd.grad(out.float().square().sum(), params)
+    finally:
+        set_native_mode(previous)
+    return out, grads, out.grad_fn.name()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("rank_term", ["weight", "output"])
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trainable-base"])
+def test_native_node_equals_the_python_function(
+    method, rank_term, train_base, monkeypatch, native_module
+):
+    got, got_grads, node = step(method, "on", rank_term, monkeypatch, train_base=train_base)
+    ref, ref_grads, ref_node = step(method, "off", rank_term, monkeypatch, train_base=train_base)
+    assert "LowRankLinear" in node and node != ref_node  # the C++ node ran, not the Python one
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert len(got_grads) == len(ref_grads) >= 3 + 2 * train_base
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank_term", ["weight", "output"])
+def test_native_node_under_bf16_autocast(rank_term, monkeypatch, native_module):
+    """Autocast's dtype for the output, float32 factor gradients, and the same step as
+    the Python function under autocast."""
+    got, got_grads, _ = step("LoRA", "on", rank_term, monkeypatch, autocast=True)
+    ref, ref_grads, _ = step("LoRA", "off", rank_term, monkeypatch, autocast=True)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    for g, r in zip(got_grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_weight", [True, False], ids=["weight-form", "output-form"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_node_passes_gradcheck(in_weight, with_bias, native_module):
+    """Float64 finite differences on every input, 3-D tokens (the view back and forth)."""
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, **kw)
+    weight, down, up = torch.randn(4, 5, **kw), torch.randn(2, 5, **kw), torch.randn(4, 2, **kw)
+    bias = torch.randn(4, **kw) if with_bias else None
+
+    def fn(x, weight, bias, down, up):
+        return native_module.low_rank_linear(x, weight, bias, down, up, 0.7, in_weight)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, down, up))
+    reference = x @ (weight + 0.7 * up @ down).T + (0 if bias is None else bias)
+    torch.testing.assert_close(fn(x, weight, bias, down, up), reference)
+
+
+def test_python_function_serves_where_the_native_node_is_off(monkeypatch):
+    x, weight = torch.randn(3, 5, requires_grad=True), torch.randn(4, 5)
+    down, up = torch.randn(2, 5, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    previous = set_native_mode("off")
+    try:
+        out = low_rank_linear(x, weight, None, down, up, 0.5)
+    finally:
+        set_native_mode(previous)
+    assert out.grad_fn.name() == "LowRankLinearBackward"
+    torch.testing.assert_close(out, LowRankLinear.apply(x, weight, None, down, up, 0.5))
+
+
+def test_failed_build_falls_back_with_a_warning_or_raises(monkeypatch):
+    monkeypatch.setattr(native, "_build", lambda: RuntimeError("no compiler here"))
+    monkeypatch.setattr(native, "_warn_once", native._warn_once.__wrapped__)
+    previous = set_native_mode("auto")
+    try:
+        with pytest.warns(UserWarning, match="no compiler here"):
+            assert native.native_ops() is None
+        x, weight, down, up = (
+            torch.randn(3, 5),
+            torch.randn(4, 5),
+            torch.randn(2, 5),
+            torch.randn(4, 2),
+        )
+        with pytest.warns(UserWarning):
+            out = low_rank_linear(x, weight, None, down, up, 1.0)
+        torch.testing.assert_close(out, x @ (weight + up @ down).T)
+        set_native_mode("on")
+        with pytest.raises(RuntimeError, match="did not build"):
+            native.native_ops()
+    finally:
+        set_native_mode(previous)
+
+
+def test_native_mode_is_validated():
+    with pytest.raises(ValueError, match="native mode"):
+        set_native_mode("sometimes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rank_term", ["weight", "output"])
+def test_native_node_on_cuda_under_bf16_autocast(rank_term, monkeypatch, native_module):
+    """On the GPU the float32 factor gradients come out of cuBLAS (mm with out_dtype) in
+    both paths: the same step to bf16 tolerance, float32 gradients."""
+    monkeypatch.setattr(OPTIONS, "rank_term", rank_term)
+    torch.manual_seed(0)
+    x = torch.randn(2, 96, 128, device="cuda", requires_grad=True)
+    weight, bias = torch.randn(256, 128, device="cuda"), torch.randn(256, device="cuda")
+    down = torch.randn(16, 128, device="cuda", requires_grad=True)
+    up = torch.randn(256, 16, device="cuda", requires_grad=True)
+    results = []
+    for mode in ("on", "off"):
+        previous = set_native_mode(mode)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = low_rank_linear(x, weight, bias, down, up, 0.5)
+            results.append((out, torch.autograd.grad(out.float().square().sum(), (x, down, up))))
+        finally:
+            set_native_mode(previous)
+    (got, got_grads), (ref, ref_grads) = results
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref)
+    for g, r in zip(got_grads, ref_grads):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
