@@ -192,6 +192,7 @@ def test_dispatch_cost_benchmark_tiny_run():
         "LoRA r16",
         "LoRA r16, Python autograd function",
         "DoRA r16",
+        "DoRA r16, Python autograd function",
         "FLoRA r16",
         "FLoRA r16, Python autograd function",
         "LoRA r16, frozen weights bf16",

@@ -12,8 +12,8 @@ from mm_spectral.kernels import OPTIONS, native, set_native_mode
 
 from conftest import make_case
 
-# Methods whose adapted linears run through low_rank_linear.
-METHODS = ["LoRA", "FLoRA", "FoRA", "LoRA-rows", "FoRA-rows"]
+# Methods whose adapted linears run through the C++ nodes.
+METHODS = ["LoRA", "FLoRA", "FoRA", "DoRA", "LoRA-rows", "FoRA-rows"]
 
 
 @pytest.fixture
@@ -58,12 +58,13 @@ def test_native_node_equals_the_python_function(
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["LoRA", "DoRA"])
 @pytest.mark.parametrize("rank_term", ["weight", "output"])
-def test_native_node_under_bf16_autocast(rank_term, monkeypatch, native_module):
+def test_native_node_under_bf16_autocast(method, rank_term, monkeypatch, native_module):
     """Autocast's dtype for the output, float32 factor gradients, and the same step as
     the Python function under autocast."""
-    got, got_grads, _ = step("LoRA", "on", rank_term, monkeypatch, autocast=True)
-    ref, ref_grads, _ = step("LoRA", "off", rank_term, monkeypatch, autocast=True)
+    got, got_grads, _ = step(method, "on", rank_term, monkeypatch, autocast=True)
+    ref, ref_grads, _ = step(method, "off", rank_term, monkeypatch, autocast=True)
     assert got.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     for g, r in zip(got_grads, ref_grads):
@@ -87,6 +88,49 @@ def test_native_node_passes_gradcheck(in_weight, with_bias, native_module):
     assert torch.autograd.gradcheck(fn, (x, weight, bias, down, up))
     reference = x @ (weight + 0.7 * up @ down).T + (0 if bias is None else bias)
     torch.testing.assert_close(fn(x, weight, bias, down, up), reference)
+
+
+@pytest.mark.parametrize("in_weight", [True, False], ids=["weight-form", "output-form"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_dora_node_passes_gradcheck(in_weight, with_bias, native_module):
+    """DoRA's node: every input but the (detached) inverse norms, against finite
+    differences and the formula c ⊙ (x (W + s·up·down)ᵀ) + b."""
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, **kw)
+    weight, down, up = torch.randn(4, 5, **kw), torch.randn(2, 5, **kw), torch.randn(4, 2, **kw)
+    magnitude = torch.rand(4, **kw)
+    inv_norm = torch.rand(4, dtype=torch.float64) + 0.5
+    bias = torch.randn(4, **kw) if with_bias else None
+
+    def fn(x, weight, bias, down, up, magnitude):
+        return native_module.rescaled_low_rank_linear(
+            x, weight, bias, down, up, 0.7, magnitude, inv_norm, in_weight
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, down, up, magnitude))
+    direction = x @ (weight + 0.7 * up @ down).T
+    reference = direction * (magnitude * inv_norm) + (0 if bias is None else bias)
+    torch.testing.assert_close(fn(x, weight, bias, down, up, magnitude), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("known_base", [False, True])
+def test_native_inverse_norms_equal_the_python_ones(dtype, known_base, native_module):
+    """1 / ‖W0 + s·up·down‖ per row: the C++ function against the Python one and against
+    the norm of the formed sum; float32 out, no gradient."""
+    from mm_spectral.adapters.dora import _inverse_norms, row_squares
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 8).to(dtype)
+    down = torch.randn(3, 8, requires_grad=True)
+    up = torch.randn(6, 3, requires_grad=True)
+    base = row_squares(weight) if known_base else None
+    got = native_module.low_rank_inverse_norms(weight, down, up, 0.3, base)
+    assert got.dtype == torch.float32 and not got.requires_grad
+    torch.testing.assert_close(got, _inverse_norms(weight, down, up, 0.3, base))
+    formed = weight.double() + 0.3 * up.detach().double() @ down.detach().double()
+    torch.testing.assert_close(got.double(), 1 / formed.norm(dim=1), rtol=1e-5, atol=1e-6)
 
 
 def test_python_function_serves_where_the_native_node_is_off(monkeypatch):

@@ -7,8 +7,8 @@ host issues the next, and the time per call is the host's. Two tables:
 
 - single ops: casts, elementwise, each GEMM form, a Triton launch;
 - one adapted linear's forward + backward under bf16 autocast above a frozen linear's:
-  full fine-tuning, LoRA, DoRA, FLoRA (LoRA and FLoRA through the C++ autograd node and
-  through the Python function), LoRA with the fused kernels forced on for eager steps,
+  full fine-tuning, LoRA, DoRA, FLoRA (each through the C++ autograd node and through
+  the Python function), LoRA with the fused kernels forced on for eager steps,
   and LoRA with the frozen weights stored in bf16 (no cast per step).
 
     python tools/benchmark_dispatch.py
@@ -98,6 +98,7 @@ def triton_launch(a: torch.Tensor, out: torch.Tensor) -> Callable[[], object]:
 
 LORA = dict(type="LoRA", rank=16, alpha=16)
 FLORA = dict(type="FLoRA", rank=16, kernel_rank=2, scale=4.0)
+DORA = dict(type="DoRA", rank=16, alpha=16)
 LAYER_VARIANTS: dict[str, tuple[dict | None, str | None, str | None]] = {
     # name: (adapter config or None for full fine-tuning, fused low-rank mode to force,
     # native mode to force: "off" = the Python autograd function instead of the C++ node)
@@ -105,7 +106,8 @@ LAYER_VARIANTS: dict[str, tuple[dict | None, str | None, str | None]] = {
     "LoRA r16": (LORA, None, None),
     "LoRA r16, Python autograd function": (LORA, None, "off"),
     "LoRA r16, fused kernels forced on": (LORA, "on", None),
-    "DoRA r16": (dict(type="DoRA", rank=16, alpha=16), None, None),
+    "DoRA r16": (DORA, None, None),
+    "DoRA r16, Python autograd function": (DORA, None, "off"),
     "FLoRA r16": (FLORA, None, None),
     "FLoRA r16, Python autograd function": (FLORA, None, "off"),
 }

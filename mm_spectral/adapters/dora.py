@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.dispatch import off_default_stream
+from ..kernels.native import native_ops
 from .base import LayerSpec, layer_op, register_adapter
 from .functional import _as, outside_autocast, rescaled_low_rank_linear
 from .lora import LoRA
@@ -30,12 +31,25 @@ def low_rank_row_norms(
     return squares.clamp_min_(0.0).sqrt_()
 
 
-@torch.no_grad()
 def low_rank_inverse_norms(
     weight: Tensor, down: Tensor, up: Tensor, scale: float, base_squares: Tensor | None = None
 ) -> Tensor:
     """1 / ‖W0 + scale · up @ down‖_c in float32, finite for a zero row (its square is
-    clamped at float32's smallest normal number): two ops past the squares."""
+    clamped at float32's smallest normal number): two ops past the squares. Eagerly by
+    the C++ module where it built (:mod:`mm_spectral.kernels.native`)."""
+    if not torch.compiler.is_compiling():
+        native = native_ops()
+        if native is not None:
+            if base_squares is None:  # a trainable base (rare): not cached by the adapter
+                base_squares = row_squares(weight)
+            return native.low_rank_inverse_norms(weight, down, up, scale, base_squares)
+    return _inverse_norms(weight, down, up, scale, base_squares)
+
+
+@torch.no_grad()
+def _inverse_norms(
+    weight: Tensor, down: Tensor, up: Tensor, scale: float, base_squares: Tensor | None = None
+) -> Tensor:
     squares = low_rank_row_squares(weight, down, up, scale, base_squares)
     return squares.clamp_min_(torch.finfo(torch.float32).tiny).rsqrt_()
 

@@ -271,17 +271,30 @@ class DeltaLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_delta
 
 
+def _eager_native(x: Tensor, weight: Tensor, up: Tensor) -> Any:
+    """The C++ module (:mod:`mm_spectral.kernels.native`) where this step should use it:
+    eager, built, and not a step for the fused kernels; else None."""
+    if torch.compiler.is_compiling():
+        return None
+    native = native_ops()
+    if native is None or use_fused_low_rank(x, weight, up, _compute_dtype(x)):
+        return None
+    return native
+
+
+def _in_weight(x: Tensor, weight: Tensor) -> bool:
+    return rank_term_in_weight(x.numel() // x.shape[-1], *weight.shape)
+
+
 def low_rank_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, scale: float
 ) -> Tensor:
     """y = x Wᵀ + b + scale · (x downᵀ) upᵀ: eagerly by the C++ node
     (:mod:`mm_spectral.kernels.native`) where it built, else by :class:`LowRankLinear`
     (while compiling, where the fused kernels qualify, or without the C++ node)."""
-    if not torch.compiler.is_compiling():
-        native = native_ops()
-        if native is not None and not use_fused_low_rank(x, weight, up, _compute_dtype(x)):
-            in_weight = rank_term_in_weight(x.numel() // x.shape[-1], *weight.shape)
-            return native.low_rank_linear(x, weight, bias, down, up, scale, in_weight)
+    native = _eager_native(x, weight, up)
+    if native is not None:
+        return native.low_rank_linear(x, weight, bias, down, up, scale, _in_weight(x, weight))
     return LowRankLinear.apply(x, weight, bias, down, up, scale)
 
 
@@ -295,6 +308,14 @@ def rescaled_low_rank_linear(
     magnitude: Tensor,
     inv_norm: Tensor,
 ) -> Tensor:
+    """DoRA's linear (:class:`RescaledLowRankLinear`), by the C++ node where
+    :func:`low_rank_linear` would take it."""
+    native = _eager_native(x, weight, up)
+    if native is not None:
+        in_weight = _in_weight(x, weight)
+        return native.rescaled_low_rank_linear(
+            x, weight, bias, down, up, scale, magnitude, inv_norm, in_weight
+        )
     return RescaledLowRankLinear.apply(x, weight, bias, down, up, magnitude, inv_norm, scale)
 
 

@@ -1,7 +1,8 @@
-// An adapted linear y = x Wᵀ + b + s · (x downᵀ) upᵀ as one C++ autograd node.
+// An adapted linear y = x Wᵀ + b + s · (x downᵀ) upᵀ as one C++ autograd node, and DoRA's
+// rescaled form of it.
 //
-// The same arithmetic as mm_spectral/adapters/functional.py's LowRankLinear (which the
-// tests hold it to), issued from C++: an eager step of a ViT with an adapter on every
+// The same arithmetic as mm_spectral/adapters/functional.py's LowRankLinear and
+// RescaledLowRankLinear (which the tests hold them to), issued from C++: an eager step of a ViT with an adapter on every
 // linear is bound by the host's cost per op, and each op costs far less to issue here
 // than from Python, as does the autograd node itself. Built on first use by
 // mm_spectral/kernels/native.py.
@@ -9,7 +10,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
+#include <array>
+#include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -52,7 +56,8 @@ Tensor factor_grad(const Tensor& a, const Tensor& b, double scale, at::ScalarTyp
   return scale == 1.0 ? grad : grad.mul_(scale);
 }
 
-// The compute dtype: autocast's for x's device where it is on, else x's own.
+// The compute dtype: autocast's for x's device where it is on, else x's own. Asked before
+// autocast's keys are excluded (which turns it off for this thread).
 at::ScalarType compute_dtype(const Tensor& x) {
   const auto device_type = x.device().type();
   if (at::autocast::is_autocast_enabled(device_type)) {
@@ -61,6 +66,109 @@ at::ScalarType compute_dtype(const Tensor& x) {
   return x.scalar_type();
 }
 
+// The low-rank linear's forward as rows (tokens × out) in the compute dtype `dtype`. Its
+// options go on ctx; the tensors the backward needs (x2, w, d, u, hidden) are returned for
+// the caller to save with its own.
+std::pair<Tensor, std::vector<Tensor>> low_rank_rows(AutogradContext* ctx, const Tensor& x,
+                                                     const Tensor& weight, const Tensor& bias,
+                                                     const Tensor& down, const Tensor& up,
+                                                     double scale, bool in_weight,
+                                                     at::ScalarType dtype) {
+  const int64_t in_features = weight.size(1);
+  const Tensor x2 = as_dtype(x.dim() == 2 ? x : x.reshape({-1, in_features}), dtype);
+  const Tensor d = as_dtype(down, dtype);
+  const Tensor u = as_dtype(up, dtype);
+  const Tensor b = bias.defined() ? as_dtype(bias, dtype) : Tensor();
+  Tensor w, hidden, y;
+  if (in_weight) {  // y = x (W + s·up·down)ᵀ + b
+    if (weight.scalar_type() == dtype) {
+      w = at::addmm(weight, u, d, 1.0, scale);
+    } else {  // summed in the wider dtype, cast once
+      const auto wide = at::promote_types(weight.scalar_type(), down.scalar_type());
+      w = as_dtype(
+          at::addmm(as_dtype(weight, wide), as_dtype(up, wide), as_dtype(down, wide), 1.0, scale),
+          dtype);
+    }
+    y = at::linear(x2, w, b);
+  } else {  // y = x Wᵀ + b + s (x downᵀ) upᵀ
+    w = as_dtype(weight, dtype);
+    hidden = at::linear(x2, d);
+    y = at::linear(x2, w, b);
+    y.addmm_(hidden, u.t(), 1.0, scale);
+  }
+  ctx->saved_data["scale"] = scale;
+  ctx->saved_data["in_weight"] = in_weight;
+  ctx->saved_data["x_shape"] = x.sizes();
+  ctx->saved_data["down_dtype"] = down.scalar_type();
+  ctx->saved_data["up_dtype"] = up.scalar_type();
+  return {y, {x2, w, d, u, hidden}};
+}
+
+// Rows back to the input's leading shape.
+Tensor shaped(const Tensor& y, const Tensor& x) {
+  if (x.dim() == 2) {
+    return y;
+  }
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  return y.view(shape);
+}
+
+struct Needs {
+  bool x, w, d, u;
+};
+
+// (dx, dW, d_down, d_up) of low_rank_rows for output-gradient rows g (compute dtype);
+// undefined where not needed. `saved`: what low_rank_rows returned, from ctx.
+std::array<Tensor, 4> low_rank_grads(AutogradContext* ctx, const Tensor& g,
+                                     const variable_list& saved, Needs need) {
+  const Tensor& x2 = saved[0];
+  const Tensor& w = saved[1];
+  const Tensor& d = saved[2];
+  const Tensor& u = saved[3];
+  const Tensor& hidden = saved[4];
+  const double scale = ctx->saved_data["scale"].toDouble();
+  const auto down_dtype = ctx->saved_data["down_dtype"].toScalarType();
+  const auto up_dtype = ctx->saved_data["up_dtype"].toScalarType();
+  Tensor grad_x, grad_w, grad_d, grad_u;
+  if (ctx->saved_data["in_weight"].toBool()) {  // w is W + s·up·down: dx in one GEMM
+    if (need.x) {
+      grad_x = at::mm(g, w);
+    }
+    if (need.d) {
+      grad_d = factor_grad(at::mm(g, u).t(), x2, scale, down_dtype);
+    }
+    if (need.u) {
+      grad_u = factor_grad(g.t(), at::linear(x2, d), scale, up_dtype);
+    }
+  } else {
+    Tensor g_hidden;
+    if (need.x || need.d) {
+      g_hidden = at::mm(g, u);
+    }
+    if (need.x) {
+      grad_x = at::mm(g, w).addmm_(g_hidden, d, 1.0, scale);
+    }
+    if (need.d) {
+      grad_d = factor_grad(g_hidden.t(), x2, scale, down_dtype);
+    }
+    if (need.u) {
+      grad_u = factor_grad(g.t(), hidden, scale, up_dtype);
+    }
+  }
+  if (need.w) {
+    grad_w = at::mm(g.t(), x2);
+  }
+  if (need.x) {
+    const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
+    if (x_shape.size() != 2) {
+      grad_x = grad_x.view(x_shape);
+    }
+  }
+  return {grad_x, grad_w, grad_d, grad_u};
+}
+
+// y = x Wᵀ + b + s · (x downᵀ) upᵀ (functional.py's LowRankLinear).
 struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const std::optional<Tensor>& bias, const Tensor& down, const Tensor& up,
@@ -69,104 +177,73 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
     // Operands are cast here, once, as autocast would cast linear's; the float32 sum of
     // the weight form must not be cast by it.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const int64_t out_features = weight.size(0);
-    const int64_t in_features = weight.size(1);
-    const Tensor x2 = as_dtype(x.dim() == 2 ? x : x.reshape({-1, in_features}), dtype);
-    const Tensor d = as_dtype(down, dtype);
-    const Tensor u = as_dtype(up, dtype);
-    const Tensor b = bias.has_value() ? as_dtype(*bias, dtype) : Tensor();
-    Tensor w, hidden, y;
-    if (in_weight) {  // y = x (W + s·up·down)ᵀ + b
-      if (weight.scalar_type() == dtype) {
-        w = at::addmm(weight, u, d, 1.0, scale);
-      } else {  // summed in the wider dtype, cast once
-        const auto wide = at::promote_types(weight.scalar_type(), down.scalar_type());
-        w = as_dtype(
-            at::addmm(as_dtype(weight, wide), as_dtype(up, wide), as_dtype(down, wide), 1.0, scale),
-            dtype);
-      }
-      y = at::linear(x2, w, b);
-    } else {  // y = x Wᵀ + b + s (x downᵀ) upᵀ
-      w = as_dtype(weight, dtype);
-      hidden = at::linear(x2, d);
-      y = at::linear(x2, w, b);
-      y.addmm_(hidden, u.t(), 1.0, scale);
-    }
-    ctx->save_for_backward({x2, w, d, u, hidden});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["in_weight"] = in_weight;
+    const Tensor b = bias.has_value() ? *bias : Tensor();
+    auto [y, saved] = low_rank_rows(ctx, x, weight, b, down, up, scale, in_weight, dtype);
+    ctx->save_for_backward(saved);
     ctx->saved_data["has_bias"] = b.defined();
-    ctx->saved_data["x_shape"] = x.sizes();
-    ctx->saved_data["down_dtype"] = down.scalar_type();
-    ctx->saved_data["up_dtype"] = up.scalar_type();
-    if (x.dim() == 2) {
-      return y;
-    }
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = out_features;
-    return y.view(shape);
+    return shaped(y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto saved = ctx->get_saved_variables();
-    const Tensor& x2 = saved[0];
     const Tensor& w = saved[1];
-    const Tensor& d = saved[2];
-    const Tensor& u = saved[3];
-    const Tensor& hidden = saved[4];
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const bool in_weight = ctx->saved_data["in_weight"].toBool();
     const Tensor g = as_dtype(grad_outputs[0].reshape({-1, w.size(0)}), w.scalar_type());
     // Gradient edges exist for tensor inputs only: a missing bias shifts the factors'.
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t factors = has_bias ? 3 : 2;
-    const bool need_x = ctx->needs_input_grad(0);
-    const bool need_w = ctx->needs_input_grad(1);
-    const bool need_b = has_bias && ctx->needs_input_grad(2);
-    const bool need_d = ctx->needs_input_grad(factors);
-    const bool need_u = ctx->needs_input_grad(factors + 1);
-    const auto down_dtype = ctx->saved_data["down_dtype"].toScalarType();
-    const auto up_dtype = ctx->saved_data["up_dtype"].toScalarType();
-    Tensor grad_x, grad_w, grad_b, grad_d, grad_u;
-    if (in_weight) {  // w is W + s·up·down: dx in one GEMM
-      if (need_x) {
-        grad_x = at::mm(g, w);
-      }
-      if (need_d) {
-        grad_d = factor_grad(at::mm(g, u).t(), x2, scale, down_dtype);
-      }
-      if (need_u) {
-        grad_u = factor_grad(g.t(), at::linear(x2, d), scale, up_dtype);
-      }
-    } else {
-      Tensor g_hidden;
-      if (need_x || need_d) {
-        g_hidden = at::mm(g, u);
-      }
-      if (need_x) {
-        grad_x = at::mm(g, w).addmm_(g_hidden, d, 1.0, scale);
-      }
-      if (need_d) {
-        grad_d = factor_grad(g_hidden.t(), x2, scale, down_dtype);
-      }
-      if (need_u) {
-        grad_u = factor_grad(g.t(), hidden, scale, up_dtype);
-      }
-    }
-    if (need_b) {
+    const Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                     ctx->needs_input_grad(factors), ctx->needs_input_grad(factors + 1)};
+    auto [grad_x, grad_w, grad_d, grad_u] = low_rank_grads(ctx, g, saved, need);
+    Tensor grad_b;
+    if (has_bias && ctx->needs_input_grad(2)) {
       grad_b = g.sum(0);
     }
-    if (need_w) {
-      grad_w = at::mm(g.t(), x2);
-    }
-    if (need_x) {
-      const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
-      if (x_shape.size() != 2) {
-        grad_x = grad_x.view(x_shape);
-      }
-    }
     return {grad_x, grad_w, grad_b, grad_d, grad_u, Tensor(), Tensor()};
+  }
+};
+
+// y = c ⊙ (x Wᵀ + s · (x downᵀ) upᵀ) + b, c = magnitude · inv_norm per output channel: DoRA's
+// linear (functional.py's RescaledLowRankLinear; inv_norm taken without gradient).
+struct RescaledLowRankLinear : public torch::autograd::Function<RescaledLowRankLinear> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const std::optional<Tensor>& bias, const Tensor& down, const Tensor& up,
+                        const Tensor& magnitude, const Tensor& inv_norm, double scale,
+                        bool in_weight) {
+    const auto dtype = compute_dtype(x);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto [z, saved] = low_rank_rows(ctx, x, weight, Tensor(), down, up, scale, in_weight, dtype);
+    const Tensor channel = as_dtype(at::mul(magnitude, inv_norm), z.scalar_type());
+    const Tensor y = bias.has_value()
+                         ? at::addcmul(as_dtype(*bias, z.scalar_type()), z, channel)
+                         : at::mul(z, channel);
+    saved.insert(saved.end(), {z, channel, inv_norm});
+    ctx->save_for_backward(saved);
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return shaped(y, x);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& z = saved[5];
+    const Tensor& channel = saved[6];
+    const Tensor& inv_norm = saved[7];
+    const Tensor g = as_dtype(grad_outputs[0].reshape({-1, z.size(1)}), z.scalar_type());
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t factors = has_bias ? 3 : 2;  // edges: x, W, [b], down, up, magnitude
+    const Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                     ctx->needs_input_grad(factors), ctx->needs_input_grad(factors + 1)};
+    Tensor grad_b, grad_m;
+    if (ctx->needs_input_grad(factors + 2)) {
+      grad_m = at::sum(at::mul(g, z), {0}, false, at::kFloat).mul_(inv_norm);
+    }
+    if (has_bias && ctx->needs_input_grad(2)) {
+      grad_b = g.sum(0);
+    }
+    auto [grad_x, grad_w, grad_d, grad_u] = low_rank_grads(ctx, g * channel, saved, need);
+    return {grad_x, grad_w, grad_b, grad_d,   grad_u,
+            grad_m, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -175,9 +252,43 @@ Tensor low_rank_linear(const Tensor& x, const Tensor& weight, const std::optiona
   return LowRankLinear::apply(x, weight, bias, down, up, scale, in_weight);
 }
 
+Tensor rescaled_low_rank_linear(const Tensor& x, const Tensor& weight,
+                                const std::optional<Tensor>& bias, const Tensor& down,
+                                const Tensor& up, double scale, const Tensor& magnitude,
+                                const Tensor& inv_norm, bool in_weight) {
+  return RescaledLowRankLinear::apply(x, weight, bias, down, up, magnitude, inv_norm, scale,
+                                      in_weight);
+}
+
+// 1 / ‖W0 + s · up down‖ per output channel in float32, without forming the sum (dora.py's
+// low_rank_inverse_norms): ‖W0ᵢ‖² + upᵢ · (2s·(down W0ᵢᵀ) + s²·(down downᵀ) upᵢᵀ).
+Tensor low_rank_inverse_norms(const Tensor& weight, const Tensor& down, const Tensor& up,
+                              double scale, const std::optional<Tensor>& base_squares) {
+  at::NoGradGuard no_grad;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t rows = weight.size(0);
+  const Tensor w = weight.reshape({rows, -1});
+  const Tensor a = as_dtype(down, at::kFloat);
+  const Tensor b = as_dtype(up, at::kFloat);
+  const Tensor base = base_squares.has_value()
+                          ? *base_squares
+                          : at::linalg_vector_norm(w, 2, at::IntArrayRef{1}, false, at::kFloat)
+                                .square_();
+  const Tensor cross = at::mm(as_dtype(w, at::kFloat), a.t());
+  const Tensor mixed = at::addmm(cross, b, at::mm(a, a.t()), 2.0 * scale, scale * scale);
+  const Tensor squares =
+      at::baddbmm(base.view({rows, 1, 1}), b.view({rows, 1, -1}), mixed.view({rows, -1, 1}));
+  return squares.view({rows}).clamp_min_(std::numeric_limits<float>::min()).rsqrt_();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rescaled_low_rank_linear", &rescaled_low_rank_linear,
+        "DoRA's linear: magnitude · inv_norm ⊙ (the low-rank linear without bias) + bias, as "
+        "one C++ autograd node");
+  m.def("low_rank_inverse_norms", &low_rank_inverse_norms,
+        "1 / ‖W0 + scale · up down‖ per output channel, float32, without gradient");
   m.def("low_rank_linear", &low_rank_linear,
         "y = x Wᵀ + b + scale · (x downᵀ) upᵀ as one C++ autograd node; in_weight: as "
         "y = x (W + scale · up down)ᵀ + b (mm_spectral.kernels.dispatch.rank_term_in_weight)");
