@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
-from .functional import outside_autocast, scaled_mm
+from .functional import eager_native, in_weight_form, outside_autocast, scaled_mm
 
 
 class _ConvTuckerDown(torch.autograd.Function):
@@ -117,6 +117,19 @@ class FLoRA(LowRankAdapter):
             return scaled_mm(self.core, u_in.t(), self.scale), u_out, 1.0
         # Conv: the scale goes into the (small) down factor, sparing an op on the up one.
         return conv_tucker_down(self.core, self.factors, self.scale), self.factors[0], 1.0
+
+    def factored_forward(self, x: Tensor, layer: nn.Module, bias: Tensor | None) -> Tensor:
+        """On a linear in an eager step, the core product runs inside the C++ node
+        (:mod:`mm_spectral.kernels.native`); elsewhere as for every low-rank adapter."""
+        if self.spec.kind == "linear":
+            u_out, u_in = self.factors
+            native = eager_native(x, layer.weight, u_out)
+            if native is not None:
+                in_weight = in_weight_form(x, layer.weight)
+                return native.tucker_low_rank_linear(
+                    x, layer.weight, bias, self.core, u_out, u_in, self.scale, in_weight
+                )
+        return super().factored_forward(x, layer, bias)
 
     def size_warning(self) -> str | None:
         # Modes of size 1 (a depthwise conv's in/groups, a 1×1 kernel) clip by design.

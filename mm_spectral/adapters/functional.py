@@ -271,7 +271,7 @@ class DeltaLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_delta
 
 
-def _eager_native(x: Tensor, weight: Tensor, up: Tensor) -> Any:
+def eager_native(x: Tensor, weight: Tensor, up: Tensor) -> Any:
     """The C++ module (:mod:`mm_spectral.kernels.native`) where this step should use it:
     eager, built, and not a step for the fused kernels; else None."""
     if torch.compiler.is_compiling():
@@ -282,7 +282,8 @@ def _eager_native(x: Tensor, weight: Tensor, up: Tensor) -> Any:
     return native
 
 
-def _in_weight(x: Tensor, weight: Tensor) -> bool:
+def in_weight_form(x: Tensor, weight: Tensor) -> bool:
+    """Whether the low-rank linear of ``x`` and ``weight`` takes the weight form."""
     return rank_term_in_weight(x.numel() // x.shape[-1], *weight.shape)
 
 
@@ -292,9 +293,9 @@ def low_rank_linear(
     """y = x Wᵀ + b + scale · (x downᵀ) upᵀ: eagerly by the C++ node
     (:mod:`mm_spectral.kernels.native`) where it built, else by :class:`LowRankLinear`
     (while compiling, where the fused kernels qualify, or without the C++ node)."""
-    native = _eager_native(x, weight, up)
+    native = eager_native(x, weight, up)
     if native is not None:
-        return native.low_rank_linear(x, weight, bias, down, up, scale, _in_weight(x, weight))
+        return native.low_rank_linear(x, weight, bias, down, up, scale, in_weight_form(x, weight))
     return LowRankLinear.apply(x, weight, bias, down, up, scale)
 
 
@@ -310,9 +311,9 @@ def rescaled_low_rank_linear(
 ) -> Tensor:
     """DoRA's linear (:class:`RescaledLowRankLinear`), by the C++ node where
     :func:`low_rank_linear` would take it."""
-    native = _eager_native(x, weight, up)
+    native = eager_native(x, weight, up)
     if native is not None:
-        in_weight = _in_weight(x, weight)
+        in_weight = in_weight_form(x, weight)
         return native.rescaled_low_rank_linear(
             x, weight, bias, down, up, scale, magnitude, inv_norm, in_weight
         )

@@ -247,6 +247,64 @@ struct RescaledLowRankLinear : public torch::autograd::Function<RescaledLowRankL
   }
 };
 
+// FLoRA's linear: the low-rank linear with down = core U_inᵀ (the Tucker core and the
+// input factor, float32 beside the compute dtype) and up = U_out, the scale on the rank
+// term. The core product and its gradients (d_core = d_down U_in, d_U_in = d_downᵀ core)
+// run inside the node instead of in an autograd node of their own.
+struct TuckerLowRankLinear : public torch::autograd::Function<TuckerLowRankLinear> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const std::optional<Tensor>& bias, const Tensor& core,
+                        const Tensor& u_out, const Tensor& u_in, double scale, bool in_weight) {
+    const auto dtype = compute_dtype(x);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const Tensor down = at::mm(core, u_in.t());
+    const Tensor b = bias.has_value() ? *bias : Tensor();
+    auto [y, saved] = low_rank_rows(ctx, x, weight, b, down, u_out, scale, in_weight, dtype);
+    saved.insert(saved.end(), {core, u_in});
+    ctx->save_for_backward(saved);
+    ctx->saved_data["has_bias"] = b.defined();
+    return shaped(y, x);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& w = saved[1];
+    const Tensor& core = saved[5];
+    const Tensor& u_in = saved[6];
+    const Tensor g = as_dtype(grad_outputs[0].reshape({-1, w.size(0)}), w.scalar_type());
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t factors = has_bias ? 3 : 2;  // edges: x, W, [b], core, U_out, U_in
+    const bool need_core = ctx->needs_input_grad(factors);
+    const bool need_u_in = ctx->needs_input_grad(factors + 2);
+    const Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(1), need_core || need_u_in,
+                     ctx->needs_input_grad(factors + 1)};
+    auto [grad_x, grad_w, grad_down, grad_u_out] = low_rank_grads(ctx, g, saved, need);
+    Tensor grad_b, grad_core, grad_u_in;
+    if (has_bias && ctx->needs_input_grad(2)) {
+      grad_b = g.sum(0);
+    }
+    // In the factors' dtype, as autograd would take the down factor's gradient.
+    const Tensor grad_d = (need_core || need_u_in) ? as_dtype(grad_down, core.scalar_type())
+                                                   : Tensor();
+    if (need_core) {
+      grad_core = at::mm(grad_d, u_in);
+    }
+    if (need_u_in) {
+      grad_u_in = at::mm(grad_d.t(), core);
+    }
+    return {grad_x,    grad_w,   grad_b,   grad_core, grad_u_out,
+            grad_u_in, Tensor(), Tensor()};
+  }
+};
+
+Tensor tucker_low_rank_linear(const Tensor& x, const Tensor& weight,
+                              const std::optional<Tensor>& bias, const Tensor& core,
+                              const Tensor& u_out, const Tensor& u_in, double scale,
+                              bool in_weight) {
+  return TuckerLowRankLinear::apply(x, weight, bias, core, u_out, u_in, scale, in_weight);
+}
+
 Tensor low_rank_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                        const Tensor& down, const Tensor& up, double scale, bool in_weight) {
   return LowRankLinear::apply(x, weight, bias, down, up, scale, in_weight);
@@ -289,6 +347,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one C++ autograd node");
   m.def("low_rank_inverse_norms", &low_rank_inverse_norms,
         "1 / ‖W0 + scale · up down‖ per output channel, float32, without gradient");
+  m.def("tucker_low_rank_linear", &tucker_low_rank_linear,
+        "FLoRA's linear: the low-rank linear with down = core U_inᵀ and up = U_out, one C++ "
+        "autograd node");
   m.def("low_rank_linear", &low_rank_linear,
         "y = x Wᵀ + b + scale · (x downᵀ) upᵀ as one C++ autograd node; in_weight: as "
         "y = x (W + scale · up down)ᵀ + b (mm_spectral.kernels.dispatch.rank_term_in_weight)");
