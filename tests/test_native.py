@@ -13,7 +13,7 @@ from mm_spectral.kernels import OPTIONS, native, set_native_mode
 from conftest import make_case
 
 # Methods whose adapted linears run through the C++ nodes.
-METHODS = ["LoRA", "FLoRA", "FoRA", "DoRA", "LoRA-rows", "FoRA-rows"]
+METHODS = ["LoRA", "FLoRA", "FoRA", "DoRA", "FourierFT", "LoRA-rows", "FoRA-rows"]
 
 
 @pytest.fixture
@@ -51,14 +51,14 @@ def test_native_node_equals_the_python_function(
 ):
     got, got_grads, node = step(method, "on", rank_term, monkeypatch, train_base=train_base)
     ref, ref_grads, ref_node = step(method, "off", rank_term, monkeypatch, train_base=train_base)
-    assert "LowRankLinear" in node and node != ref_node  # the C++ node ran, not the Python one
+    assert "CppNode<mm_spectral_native" in node and "CppNode" not in ref_node  # C++ ran, not Python
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-    assert len(got_grads) == len(ref_grads) >= 3 + 2 * train_base
+    assert len(got_grads) == len(ref_grads) >= 2 + 2 * train_base  # x, adapter (W0, b)
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["LoRA", "DoRA", "FLoRA"])
+@pytest.mark.parametrize("method", ["LoRA", "DoRA", "FLoRA", "FourierFT", "FoRA"])
 @pytest.mark.parametrize("rank_term", ["weight", "output"])
 def test_native_node_under_bf16_autocast(method, rank_term, monkeypatch, native_module):
     """Autocast's dtype for the output, float32 factor gradients, and the same step as
@@ -156,6 +156,45 @@ def test_native_flora_node_passes_gradcheck(in_weight, with_bias, native_module)
     assert torch.autograd.gradcheck(fn, (x, weight, bias, core, u_out, u_in))
     reference = x @ (weight + 0.7 * u_out @ core @ u_in.T).T + (0 if bias is None else bias)
     torch.testing.assert_close(fn(x, weight, bias, core, u_out, u_in), reference)
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (5, 7), (4, 1)])
+def test_native_sparse_spectrum_equals_python_and_an_explicit_dft(shape, native_module):
+    """Re(ifft2(F)) of a sparse spectrum: the C++ node against the Python function (values
+    and coefficient gradients) and against the complex inverse FFT of the dense F."""
+    from mm_spectral.adapters.spectral import (
+        _SparseSpectrumToReal,
+        half_spectrum_positions,
+        sample_entries,
+    )
+
+    rows, cols = shape
+    n = min(10, rows * cols)
+    indices = sample_entries(rows, cols, n, seed=3)
+    positions = half_spectrum_positions(indices, shape)
+    coefficients = torch.randn(n, requires_grad=True)
+    got = native_module.sparse_spectrum_to_real(coefficients, positions, rows, cols, 1.7)
+    ref = _SparseSpectrumToReal.apply(coefficients, positions, shape, 1.7)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    dense = torch.zeros(rows, cols, dtype=torch.complex128)
+    dense[indices[0], indices[1]] = coefficients.detach().double().to(torch.complex128)
+    torch.testing.assert_close(got.double(), 1.7 * torch.fft.ifft2(dense).real, atol=1e-6, rtol=0)
+    probe = torch.randn(rows, cols)
+    (grad,) = torch.autograd.grad((got * probe).sum(), coefficients)
+    (ref_grad,) = torch.autograd.grad((ref * probe).sum(), coefficients)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_delta_linear_passes_gradcheck(with_bias, native_module):
+    """FourierFT's x (W + ΔW)ᵀ + b: finite differences on every input, 3-D tokens."""
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x, weight, delta = torch.randn(2, 3, 5, **kw), torch.randn(4, 5, **kw), torch.randn(4, 5, **kw)
+    bias = torch.randn(4, **kw) if with_bias else None
+    assert torch.autograd.gradcheck(native_module.delta_linear, (x, weight, bias, delta))
+    reference = x @ (weight + delta).T + (0 if bias is None else bias)
+    torch.testing.assert_close(native_module.delta_linear(x, weight, bias, delta), reference)
 
 
 def test_python_function_serves_where_the_native_node_is_off(monkeypatch):

@@ -321,4 +321,10 @@ def rescaled_low_rank_linear(
 
 
 def delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor) -> Tensor:
+    """y = x (W + ΔW)ᵀ + b: eagerly by the C++ node where it built, else
+    :class:`DeltaLinear`."""
+    if not torch.compiler.is_compiling():
+        native = native_ops()
+        if native is not None:
+            return native.delta_linear(x, weight, bias, delta)
     return DeltaLinear.apply(x, weight, bias, delta)

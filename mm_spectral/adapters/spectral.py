@@ -10,6 +10,8 @@ import functools
 import torch
 from torch import Tensor
 
+from ..kernels.native import native_ops
+
 
 @functools.lru_cache(maxsize=64)
 def _sample_entries_cached(
@@ -132,6 +134,12 @@ def sparse_spectrum_to_real(
     FFTs are not among autocast's low-precision ops): cuFFT has no bf16 transform and fp16
     only for power-of-two sizes; the caller casts the result.
     """
+    if not torch.compiler.is_compiling():  # eagerly, the C++ node where it built
+        native = native_ops()
+        if native is not None:
+            return native.sparse_spectrum_to_real(
+                coefficients, positions, int(shape[0]), int(shape[1]), float(scale)
+            )
     return _SparseSpectrumToReal.apply(coefficients, positions, tuple(shape), float(scale))
 
 

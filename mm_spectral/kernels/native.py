@@ -1,10 +1,12 @@
-"""The adapted linear as one C++ autograd node, built on first use.
+"""Adapted layers' per-step work as C++ autograd nodes, built on first use.
 
 An eager training step of a ViT with an adapter on every linear is bound by the host:
 issuing an op from Python costs 10–20 µs, and a Python ``autograd.Function`` adds its own
-bookkeeping on top. ``native/low_rank_linear.cpp`` issues the same ops as
-:class:`mm_spectral.adapters.functional.LowRankLinear` (the tests hold the two equal) from
-C++, in one C++ autograd node. It is compiled once per machine and torch version by
+bookkeeping on top. The sources in ``native/`` issue the same ops as the Python autograd
+functions they stand in for (the tests hold each pair equal) from C++, one C++ autograd
+node per layer: the low-rank linear of LoRA, FoRA and row blocks, DoRA's rescaled linear
+and inverse norms, FLoRA's Tucker linear, FourierFT's / FoRA's sparse-spectrum inverse FFT
+and FourierFT's ``W + ΔW`` linear. They are compiled once per machine and torch version by
 ``torch.utils.cpp_extension`` (about a minute; cached under ``TORCH_EXTENSIONS_DIR``).
 
 ``MM_SPECTRAL_NATIVE`` (or :func:`set_native_mode`) picks:
@@ -14,13 +16,14 @@ C++, in one C++ autograd node. It is compiled once per machine and torch version
 - ``on``: as auto, but a failed build raises;
 - ``off``: never (the Python function).
 
-The native node serves eager steps. While ``torch.compile`` traces, and where the fused
-Triton kernels qualify (CUDA-graph capture), the Python function runs instead.
+The nodes serve eager steps. While ``torch.compile`` traces, and where the fused Triton
+kernels qualify (CUDA-graph capture), the Python functions run instead.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import os.path as osp
@@ -28,7 +31,11 @@ import warnings
 from types import ModuleType
 
 MODES = ("auto", "on", "off")
-SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), "native", "low_rank_linear.cpp")
+SOURCE_DIR = osp.join(osp.dirname(osp.abspath(__file__)), "native")
+SOURCES = [
+    osp.join(SOURCE_DIR, name) for name in ("module.cpp", "low_rank_linear.cpp", "spectral.cpp")
+]
+HEADER = osp.join(SOURCE_DIR, "common.h")
 
 _mode = os.environ.get("MM_SPECTRAL_NATIVE", "auto")
 if _mode not in MODES:
@@ -57,11 +64,15 @@ def _build() -> ModuleType | Exception:
     logging.getLogger("mm_spectral").info(
         "mm_spectral: building the native low-rank linear (once per machine; about a minute)"
     )
+    # torch rebuilds when the sources or the flags change; the header's hash rides in the
+    # flags so that a change to it alone rebuilds too.
+    with open(HEADER, "rb") as header:
+        header_hash = hashlib.sha1(header.read()).hexdigest()[:12]
     try:
         return load(
             name="mm_spectral_native",
-            sources=[SOURCE],
-            extra_cflags=["-O2"],
+            sources=SOURCES,
+            extra_cflags=["-O2", f"-DMM_SPECTRAL_HEADER_HASH={header_hash}"],
             verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, incompatible headers

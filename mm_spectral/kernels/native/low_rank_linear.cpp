@@ -1,34 +1,21 @@
-// An adapted linear y = x Wᵀ + b + s · (x downᵀ) upᵀ as one C++ autograd node, and DoRA's
-// rescaled form of it.
+// An adapted linear y = x Wᵀ + b + s · (x downᵀ) upᵀ as one C++ autograd node, with DoRA's
+// rescaled form and FLoRA's Tucker form of it.
 //
 // The same arithmetic as mm_spectral/adapters/functional.py's LowRankLinear and
-// RescaledLowRankLinear (which the tests hold them to), issued from C++: an eager step of a ViT with an adapter on every
-// linear is bound by the host's cost per op, and each op costs far less to issue here
-// than from Python, as does the autograd node itself. Built on first use by
-// mm_spectral/kernels/native.py.
-#include <ATen/autocast_mode.h>
+// RescaledLowRankLinear (which the tests hold them to), issued from C++: an eager step of
+// a ViT with an adapter on every linear is bound by the host's cost per op, and each op
+// costs far less to issue here than from Python, as does the autograd node itself. Built
+// on first use by mm_spectral/kernels/native.py.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/extension.h>
 
 #include <array>
 #include <limits>
-#include <optional>
 #include <utility>
-#include <vector>
 
+#include "common.h"
+
+namespace mm_spectral_native {
 namespace {
-
-using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
-bool is_half(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16;
-}
 
 // aten::mm.dtype (half inputs, float32 out, written by cuBLAS) where this torch has it.
 using MmOutDtype = at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType);
@@ -54,16 +41,6 @@ Tensor factor_grad(const Tensor& a, const Tensor& b, double scale, at::ScalarTyp
     grad = at::mm(a, b);
   }
   return scale == 1.0 ? grad : grad.mul_(scale);
-}
-
-// The compute dtype: autocast's for x's device where it is on, else x's own. Asked before
-// autocast's keys are excluded (which turns it off for this thread).
-at::ScalarType compute_dtype(const Tensor& x) {
-  const auto device_type = x.device().type();
-  if (at::autocast::is_autocast_enabled(device_type)) {
-    return at::autocast::get_autocast_dtype(device_type);
-  }
-  return x.scalar_type();
 }
 
 // The low-rank linear's forward as rows (tokens × out) in the compute dtype `dtype`. Its
@@ -102,16 +79,6 @@ std::pair<Tensor, std::vector<Tensor>> low_rank_rows(AutogradContext* ctx, const
   ctx->saved_data["down_dtype"] = down.scalar_type();
   ctx->saved_data["up_dtype"] = up.scalar_type();
   return {y, {x2, w, d, u, hidden}};
-}
-
-// Rows back to the input's leading shape.
-Tensor shaped(const Tensor& y, const Tensor& x) {
-  if (x.dim() == 2) {
-    return y;
-  }
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = y.size(1);
-  return y.view(shape);
 }
 
 struct Needs {
@@ -298,6 +265,8 @@ struct TuckerLowRankLinear : public torch::autograd::Function<TuckerLowRankLinea
   }
 };
 
+}  // namespace
+
 Tensor tucker_low_rank_linear(const Tensor& x, const Tensor& weight,
                               const std::optional<Tensor>& bias, const Tensor& core,
                               const Tensor& u_out, const Tensor& u_in, double scale,
@@ -339,18 +308,4 @@ Tensor low_rank_inverse_norms(const Tensor& weight, const Tensor& down, const Te
   return squares.view({rows}).clamp_min_(std::numeric_limits<float>::min()).rsqrt_();
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rescaled_low_rank_linear", &rescaled_low_rank_linear,
-        "DoRA's linear: magnitude · inv_norm ⊙ (the low-rank linear without bias) + bias, as "
-        "one C++ autograd node");
-  m.def("low_rank_inverse_norms", &low_rank_inverse_norms,
-        "1 / ‖W0 + scale · up down‖ per output channel, float32, without gradient");
-  m.def("tucker_low_rank_linear", &tucker_low_rank_linear,
-        "FLoRA's linear: the low-rank linear with down = core U_inᵀ and up = U_out, one C++ "
-        "autograd node");
-  m.def("low_rank_linear", &low_rank_linear,
-        "y = x Wᵀ + b + scale · (x downᵀ) upᵀ as one C++ autograd node; in_weight: as "
-        "y = x (W + scale · up down)ᵀ + b (mm_spectral.kernels.dispatch.rank_term_in_weight)");
-}
+}  // namespace mm_spectral_native

@@ -1,0 +1,63 @@
+// Helpers and entry points shared by the C++ autograd nodes of mm_spectral.kernels.native
+// (low_rank_linear.cpp, spectral.cpp; bound to Python in module.cpp).
+#pragma once
+
+#include <ATen/autocast_mode.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+namespace mm_spectral_native {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+inline Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+inline bool is_half(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+// The compute dtype: autocast's for x's device where it is on, else x's own. Asked before
+// autocast's keys are excluded (which turns it off for this thread).
+inline at::ScalarType compute_dtype(const Tensor& x) {
+  const auto device_type = x.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) {
+    return at::autocast::get_autocast_dtype(device_type);
+  }
+  return x.scalar_type();
+}
+
+// Rows back to the input's leading shape.
+inline Tensor shaped(const Tensor& y, const Tensor& x) {
+  if (x.dim() == 2) {
+    return y;
+  }
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  return y.view(shape);
+}
+
+// Entry points (see module.cpp for what each computes).
+Tensor low_rank_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const Tensor& down, const Tensor& up, double scale, bool in_weight);
+Tensor rescaled_low_rank_linear(const Tensor& x, const Tensor& weight,
+                                const std::optional<Tensor>& bias, const Tensor& down,
+                                const Tensor& up, double scale, const Tensor& magnitude,
+                                const Tensor& inv_norm, bool in_weight);
+Tensor tucker_low_rank_linear(const Tensor& x, const Tensor& weight,
+                              const std::optional<Tensor>& bias, const Tensor& core,
+                              const Tensor& u_out, const Tensor& u_in, double scale,
+                              bool in_weight);
+Tensor low_rank_inverse_norms(const Tensor& weight, const Tensor& down, const Tensor& up,
+                              double scale, const std::optional<Tensor>& base_squares);
+Tensor sparse_spectrum_to_real(const Tensor& coefficients, const Tensor& positions,
+                               int64_t rows, int64_t cols, double scale);
+Tensor delta_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                    const Tensor& delta);
+
+}  // namespace mm_spectral_native
