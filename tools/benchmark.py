@@ -237,7 +237,7 @@ class Prepared:
 
 
 LOW_RANK = ("LoRA", "DoRA", "FLoRA", "FoRA")  # the methods OPTIONS.rank_term applies to
-NATIVE = ("LoRA", "DoRA", "FLoRA", "FoRA")  # the methods whose linears take the C++ nodes
+NATIVE = ("LoRA", "DoRA", "FLoRA", "FourierFT", "FoRA")  # methods with C++ nodes
 RUN_OPTIONS = ("rank_term", "native")  # variant keys that set how it runs, not the adapter
 
 
@@ -279,7 +279,7 @@ def add_rank_term_argument(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         choices=["auto", "off"],
-        help="run each LoRA/DoRA/FLoRA/FoRA variant once per native mode given: 'off' steps "
+        help="run each LoRA/DoRA/FLoRA/FourierFT/FoRA variant once per native mode given: 'off' steps "
         "adapted linears through the Python autograd function instead of the C++ node",
     )
 
