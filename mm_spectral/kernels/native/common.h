@@ -42,6 +42,20 @@ inline Tensor shaped(const Tensor& y, const Tensor& x) {
   return y.view(shape);
 }
 
+// The first gradient edge after x, W and the optional bias: only tensor inputs have edges,
+// so a missing bias shifts the ones after it. Reads what forward put in "has_bias".
+inline size_t edge_after_bias(AutogradContext* ctx) {
+  return ctx->saved_data["has_bias"].toBool() ? 3 : 2;
+}
+
+// The bias gradient Σ_tokens g where the bias is there and needs one, else undefined.
+inline Tensor bias_grad(AutogradContext* ctx, const Tensor& g) {
+  if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
+    return g.sum(0);
+  }
+  return Tensor();
+}
+
 // Entry points (see module.cpp for what each computes).
 Tensor low_rank_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                        const Tensor& down, const Tensor& up, double scale, bool in_weight);

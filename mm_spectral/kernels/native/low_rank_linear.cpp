@@ -156,17 +156,11 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
     const auto saved = ctx->get_saved_variables();
     const Tensor& w = saved[1];
     const Tensor g = as_dtype(grad_outputs[0].reshape({-1, w.size(0)}), w.scalar_type());
-    // Gradient edges exist for tensor inputs only: a missing bias shifts the factors'.
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t factors = has_bias ? 3 : 2;
+    const size_t factors = edge_after_bias(ctx);  // edges: x, W, [b], down, up
     const Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                      ctx->needs_input_grad(factors), ctx->needs_input_grad(factors + 1)};
     auto [grad_x, grad_w, grad_d, grad_u] = low_rank_grads(ctx, g, saved, need);
-    Tensor grad_b;
-    if (has_bias && ctx->needs_input_grad(2)) {
-      grad_b = g.sum(0);
-    }
-    return {grad_x, grad_w, grad_b, grad_d, grad_u, Tensor(), Tensor()};
+    return {grad_x, grad_w, bias_grad(ctx, g), grad_d, grad_u, Tensor(), Tensor()};
   }
 };
 
@@ -197,20 +191,16 @@ struct RescaledLowRankLinear : public torch::autograd::Function<RescaledLowRankL
     const Tensor& channel = saved[6];
     const Tensor& inv_norm = saved[7];
     const Tensor g = as_dtype(grad_outputs[0].reshape({-1, z.size(1)}), z.scalar_type());
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t factors = has_bias ? 3 : 2;  // edges: x, W, [b], down, up, magnitude
+    const size_t factors = edge_after_bias(ctx);  // edges: x, W, [b], down, up, magnitude
     const Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                      ctx->needs_input_grad(factors), ctx->needs_input_grad(factors + 1)};
-    Tensor grad_b, grad_m;
+    Tensor grad_m;
     if (ctx->needs_input_grad(factors + 2)) {
       grad_m = at::sum(at::mul(g, z), {0}, false, at::kFloat).mul_(inv_norm);
     }
-    if (has_bias && ctx->needs_input_grad(2)) {
-      grad_b = g.sum(0);
-    }
     auto [grad_x, grad_w, grad_d, grad_u] = low_rank_grads(ctx, g * channel, saved, need);
-    return {grad_x, grad_w, grad_b, grad_d,   grad_u,
-            grad_m, Tensor(), Tensor(), Tensor()};
+    return {grad_x, grad_w,   bias_grad(ctx, g), grad_d, grad_u,
+            grad_m, Tensor(), Tensor(),          Tensor()};
   }
 };
 
@@ -240,17 +230,13 @@ struct TuckerLowRankLinear : public torch::autograd::Function<TuckerLowRankLinea
     const Tensor& core = saved[5];
     const Tensor& u_in = saved[6];
     const Tensor g = as_dtype(grad_outputs[0].reshape({-1, w.size(0)}), w.scalar_type());
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t factors = has_bias ? 3 : 2;  // edges: x, W, [b], core, U_out, U_in
+    const size_t factors = edge_after_bias(ctx);  // edges: x, W, [b], core, U_out, U_in
     const bool need_core = ctx->needs_input_grad(factors);
     const bool need_u_in = ctx->needs_input_grad(factors + 2);
     const Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(1), need_core || need_u_in,
                      ctx->needs_input_grad(factors + 1)};
     auto [grad_x, grad_w, grad_down, grad_u_out] = low_rank_grads(ctx, g, saved, need);
-    Tensor grad_b, grad_core, grad_u_in;
-    if (has_bias && ctx->needs_input_grad(2)) {
-      grad_b = g.sum(0);
-    }
+    Tensor grad_core, grad_u_in;
     // In the factors' dtype, as autograd would take the down factor's gradient.
     const Tensor grad_d = (need_core || need_u_in) ? as_dtype(grad_down, core.scalar_type())
                                                    : Tensor();
@@ -260,7 +246,7 @@ struct TuckerLowRankLinear : public torch::autograd::Function<TuckerLowRankLinea
     if (need_u_in) {
       grad_u_in = at::mm(grad_d.t(), core);
     }
-    return {grad_x,    grad_w,   grad_b,   grad_core, grad_u_out,
+    return {grad_x,    grad_w,   bias_grad(ctx, g), grad_core, grad_u_out,
             grad_u_in, Tensor(), Tensor()};
   }
 };

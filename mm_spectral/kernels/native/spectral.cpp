@@ -69,11 +69,9 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
     const Tensor& x2 = saved[0];
     const Tensor& w = saved[1];
     const Tensor g = as_dtype(grad_outputs[0].reshape({-1, w.size(0)}), w.scalar_type());
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t delta_edge = has_bias ? 3 : 2;  // edges: x, W, [b], ΔW
     const bool need_w = ctx->needs_input_grad(1);
-    const bool need_delta = ctx->needs_input_grad(delta_edge);
-    Tensor grad_x, grad_w, grad_b, grad_delta;
+    const bool need_delta = ctx->needs_input_grad(edge_after_bias(ctx));  // x, W, [b], ΔW
+    Tensor grad_x, grad_w, grad_delta;
     if (ctx->needs_input_grad(0)) {
       grad_x = at::mm(g, w);
       const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
@@ -86,10 +84,7 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
       grad_w = need_w ? grad_full : Tensor();
       grad_delta = need_delta ? grad_full : Tensor();
     }
-    if (has_bias && ctx->needs_input_grad(2)) {
-      grad_b = g.sum(0);
-    }
-    return {grad_x, grad_w, grad_b, grad_delta};
+    return {grad_x, grad_w, bias_grad(ctx, g), grad_delta};
   }
 };
 
