@@ -137,7 +137,7 @@ def test_batched_spectra_option_builds_once_per_shape_with_equal_values_and_grad
     calls ATen directly; tests/test_native.py holds it to the Python function)."""
     from mm_spectral.kernels import native
 
-    monkeypatch.setattr(native, "_mode", "off")
+    monkeypatch.setattr(native._NATIVE, "value", "off")
     cfg = dict(type=method, n=12, seed=3, targets=["a", "b"])
     calls = []
     irfft2 = torch.fft.irfft2

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .mode_switch import ModeSwitch
+
 
 @functools.cache
 def triton_available() -> bool:
@@ -109,23 +111,17 @@ def rank_term_in_weight(tokens: int, out_features: int, in_features: int) -> boo
     return tokens * (in_features + out_features) > WEIGHT_FORM_RATIO * in_features * out_features
 
 
-_mode = os.environ.get("MM_SPECTRAL_FUSED_LOW_RANK", "auto")
-if _mode not in MODES:
-    raise ValueError(f"MM_SPECTRAL_FUSED_LOW_RANK must be one of {MODES}, got {_mode!r}")
+_FUSED = ModeSwitch("MM_SPECTRAL_FUSED_LOW_RANK", MODES, "fused low-rank mode")
 
 
 def fused_low_rank_mode() -> str:
     """The current mode: 'auto', 'on', 'off' or 'force'."""
-    return _mode
+    return _FUSED.get()
 
 
 def set_fused_low_rank_mode(mode: str) -> str:
     """Set the mode (see the module docstring); returns the previous one."""
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"fused low-rank mode must be one of {MODES}, got {mode!r}")
-    previous, _mode = _mode, mode
-    return previous
+    return _FUSED.set(mode)
 
 
 def use_fused_low_rank(
@@ -136,9 +132,10 @@ def use_fused_low_rank(
     ``dtype``: the compute dtype, where ``x2`` is not cast to it yet (default: x2's).
     ``x2``'s last dimension holds the in-features.
     """
-    if _mode == "off" or torch.compiler.is_compiling():  # the compiler makes its own kernels
+    mode = _FUSED.value
+    if mode == "off" or torch.compiler.is_compiling():  # the compiler makes its own kernels
         return False
-    if _mode == "force":
+    if mode == "force":
         return triton_available()
     out_features, in_features = weight.shape
     return (
@@ -151,7 +148,7 @@ def use_fused_low_rank(
         and out_features >= 64
         and in_features >= 64
         and x2.numel() > 0
-        and (_mode == "on" or off_default_stream(x2.device))
+        and (mode == "on" or off_default_stream(x2.device))
         and triton_available()
     )
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import os.path as osp
 import warnings
 from types import ModuleType
+
+from .mode_switch import ModeSwitch
 
 MODES = ("auto", "on", "off")
 SOURCE_DIR = osp.join(osp.dirname(osp.abspath(__file__)), "native")
@@ -37,23 +38,17 @@ SOURCES = [
 ]
 HEADER = osp.join(SOURCE_DIR, "common.h")
 
-_mode = os.environ.get("MM_SPECTRAL_NATIVE", "auto")
-if _mode not in MODES:
-    raise ValueError(f"MM_SPECTRAL_NATIVE must be one of {MODES}, got {_mode!r}")
+_NATIVE = ModeSwitch("MM_SPECTRAL_NATIVE", MODES, "native mode")
 
 
 def native_mode() -> str:
     """The current mode: 'auto', 'on' or 'off'."""
-    return _mode
+    return _NATIVE.get()
 
 
 def set_native_mode(mode: str) -> str:
     """Set the mode (see the module docstring); returns the previous one."""
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"native mode must be one of {MODES}, got {mode!r}")
-    previous, _mode = _mode, mode
-    return previous
+    return _NATIVE.set(mode)
 
 
 @functools.cache
@@ -81,11 +76,12 @@ def _build() -> ModuleType | Exception:
 
 def native_ops() -> ModuleType | None:
     """The compiled module, or None where it is off or did not build (see the modes)."""
-    if _mode == "off":
+    mode = _NATIVE.value
+    if mode == "off":
         return None
     built = _build()
     if isinstance(built, Exception):
-        if _mode == "on":
+        if mode == "on":
             raise RuntimeError(f"the native low-rank linear did not build: {built}") from built
         _warn_once(built)
         return None

@@ -42,6 +42,25 @@ inline Tensor shaped(const Tensor& y, const Tensor& x) {
   return y.view(shape);
 }
 
+// Ends a node's forward: saves `saved` for the backward, records whether a bias came (see
+// edge_after_bias) and gives the output rows y the input's leading shape.
+inline Tensor finish_forward(AutogradContext* ctx, const std::vector<Tensor>& saved,
+                             bool has_bias, const Tensor& y, const Tensor& x) {
+  ctx->save_for_backward(saved);
+  ctx->saved_data["has_bias"] = has_bias;
+  return shaped(y, x);
+}
+
+// The input's tokens as rows (tokens × in_features) in the compute dtype `dtype`.
+inline Tensor input_rows(const Tensor& x, int64_t in_features, at::ScalarType dtype) {
+  return as_dtype(x.dim() == 2 ? x : x.reshape({-1, in_features}), dtype);
+}
+
+// The output gradient as rows of `width` features in `dtype` (the forward's compute dtype).
+inline Tensor gradient_rows(const Tensor& grad, int64_t width, at::ScalarType dtype) {
+  return as_dtype(grad.reshape({-1, width}), dtype);
+}
+
 // The first gradient edge after x, W and the optional bias: only tensor inputs have edges,
 // so a missing bias shifts the ones after it. Reads what forward put in "has_bias".
 inline size_t edge_after_bias(AutogradContext* ctx) {

@@ -51,8 +51,7 @@ std::pair<Tensor, std::vector<Tensor>> low_rank_rows(AutogradContext* ctx, const
                                                      const Tensor& down, const Tensor& up,
                                                      double scale, bool in_weight,
                                                      at::ScalarType dtype) {
-  const int64_t in_features = weight.size(1);
-  const Tensor x2 = as_dtype(x.dim() == 2 ? x : x.reshape({-1, in_features}), dtype);
+  const Tensor x2 = input_rows(x, weight.size(1), dtype);
   const Tensor d = as_dtype(down, dtype);
   const Tensor u = as_dtype(up, dtype);
   const Tensor b = bias.defined() ? as_dtype(bias, dtype) : Tensor();
@@ -146,16 +145,14 @@ struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const Tensor b = bias.has_value() ? *bias : Tensor();
     auto [y, saved] = low_rank_rows(ctx, x, weight, b, down, up, scale, in_weight, dtype);
-    ctx->save_for_backward(saved);
-    ctx->saved_data["has_bias"] = b.defined();
-    return shaped(y, x);
+    return finish_forward(ctx, saved, b.defined(), y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto saved = ctx->get_saved_variables();
     const Tensor& w = saved[1];
-    const Tensor g = as_dtype(grad_outputs[0].reshape({-1, w.size(0)}), w.scalar_type());
+    const Tensor g = gradient_rows(grad_outputs[0], w.size(0), w.scalar_type());
     const size_t factors = edge_after_bias(ctx);  // edges: x, W, [b], down, up
     const Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                      ctx->needs_input_grad(factors), ctx->needs_input_grad(factors + 1)};
@@ -179,9 +176,7 @@ struct RescaledLowRankLinear : public torch::autograd::Function<RescaledLowRankL
                          ? at::addcmul(as_dtype(*bias, z.scalar_type()), z, channel)
                          : at::mul(z, channel);
     saved.insert(saved.end(), {z, channel, inv_norm});
-    ctx->save_for_backward(saved);
-    ctx->saved_data["has_bias"] = bias.has_value();
-    return shaped(y, x);
+    return finish_forward(ctx, saved, bias.has_value(), y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -190,7 +185,7 @@ struct RescaledLowRankLinear : public torch::autograd::Function<RescaledLowRankL
     const Tensor& z = saved[5];
     const Tensor& channel = saved[6];
     const Tensor& inv_norm = saved[7];
-    const Tensor g = as_dtype(grad_outputs[0].reshape({-1, z.size(1)}), z.scalar_type());
+    const Tensor g = gradient_rows(grad_outputs[0], z.size(1), z.scalar_type());
     const size_t factors = edge_after_bias(ctx);  // edges: x, W, [b], down, up, magnitude
     const Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                      ctx->needs_input_grad(factors), ctx->needs_input_grad(factors + 1)};
@@ -218,9 +213,7 @@ struct TuckerLowRankLinear : public torch::autograd::Function<TuckerLowRankLinea
     const Tensor b = bias.has_value() ? *bias : Tensor();
     auto [y, saved] = low_rank_rows(ctx, x, weight, b, down, u_out, scale, in_weight, dtype);
     saved.insert(saved.end(), {core, u_in});
-    ctx->save_for_backward(saved);
-    ctx->saved_data["has_bias"] = b.defined();
-    return shaped(y, x);
+    return finish_forward(ctx, saved, b.defined(), y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -229,7 +222,7 @@ struct TuckerLowRankLinear : public torch::autograd::Function<TuckerLowRankLinea
     const Tensor& w = saved[1];
     const Tensor& core = saved[5];
     const Tensor& u_in = saved[6];
-    const Tensor g = as_dtype(grad_outputs[0].reshape({-1, w.size(0)}), w.scalar_type());
+    const Tensor g = gradient_rows(grad_outputs[0], w.size(0), w.scalar_type());
     const size_t factors = edge_after_bias(ctx);  // edges: x, W, [b], core, U_out, U_in
     const bool need_core = ctx->needs_input_grad(factors);
     const bool need_u_in = ctx->needs_input_grad(factors + 2);

@@ -52,15 +52,13 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
                         const std::optional<Tensor>& bias, const Tensor& delta) {
     const auto dtype = compute_dtype(x);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const Tensor x2 = as_dtype(x.dim() == 2 ? x : x.reshape({-1, weight.size(1)}), dtype);
+    const Tensor x2 = input_rows(x, weight.size(1), dtype);
     // W + ΔW added in the higher of the two precisions, then cast once.
     const auto wide = at::promote_types(weight.scalar_type(), delta.scalar_type());
     const Tensor w = as_dtype(at::add(as_dtype(weight, wide), as_dtype(delta, wide)), dtype);
     const Tensor y = at::linear(x2, w, bias.has_value() ? as_dtype(*bias, dtype) : Tensor());
-    ctx->save_for_backward({x2, w});
     ctx->saved_data["x_shape"] = x.sizes();
-    ctx->saved_data["has_bias"] = bias.has_value();
-    return shaped(y, x);
+    return finish_forward(ctx, {x2, w}, bias.has_value(), y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -68,7 +66,7 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
     const auto saved = ctx->get_saved_variables();
     const Tensor& x2 = saved[0];
     const Tensor& w = saved[1];
-    const Tensor g = as_dtype(grad_outputs[0].reshape({-1, w.size(0)}), w.scalar_type());
+    const Tensor g = gradient_rows(grad_outputs[0], w.size(0), w.scalar_type());
     const bool need_w = ctx->needs_input_grad(1);
     const bool need_delta = ctx->needs_input_grad(edge_after_bias(ctx));  // x, W, [b], ΔW
     Tensor grad_x, grad_w, grad_delta;
