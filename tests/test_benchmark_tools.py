@@ -138,12 +138,23 @@ def test_interleaved_training_benchmark_tiny_run():
     out = run_tool(
         "tools/benchmark.py",
         *("--tiny", "--device", "cpu", "--only", "ViT", "--skip-inference", "--interleave"),
-        *("--variants", "DoRA", "--warmup", "1", "--iters", "2", "--dtype", "float16"),
-        *("--rank-term", "output", "weight"),
+        *("--variants", "DoRA", "FourierFT", "--warmup", "1", "--iters", "2"),
+        *(
+            "--dtype",
+            "float16",
+            "--rank-term",
+            "output",
+            "weight",
+            "--batched-spectra",
+            "on",
+            "off",
+        ),
     )
     assert "### Training step, float16 autocast" in out  # loss-scaled fp16 steps
     training = {row[1]: row for row in table_rows(out, "Training step")}
+    fourier = "FourierFT n3000"
     forms = {"DoRA r16 [output]", "DoRA r16 [weight]"}  # one variant per rank-term form
+    forms |= {f"{fourier} [batched]", f"{fourier} [per-layer spectra]"}  # and spectra build
     assert set(training) == {"full FT", "floor (frozen)", *forms}
     assert number(training["floor (frozen)"][4]) == pytest.approx(1.0)
     assert all(number(training["floor (frozen)"][2]) == 0 < number(training[f][2]) for f in forms)

@@ -34,6 +34,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E40
 
 import mm_spectral  # noqa: E402
 import mm_spectral.openmmlab  # noqa: E402,F401  (registers)
+from mm_spectral.adapters.batched_spectra import has_batched_spectra  # noqa: E402
 from mm_spectral.delta_stats import delta_stats  # noqa: E402
 from mm_spectral.distributed import (  # noqa: E402
     frozen_apart_wrap_policy,
@@ -151,6 +152,12 @@ def _checks(rank: int, work: Path) -> dict:
     reference_table = trainable_report(plain)
     fsdp = FSDP(
         _plain_model(), auto_wrap_policy=POLICY, use_orig_params=True, device_id=torch.device("cpu")
+    )
+    # batched spectral builds run before the backbone's forward, when nested units hold
+    # shards: under FSDP each layer builds its own (the plain model batches its groups)
+    facts["batched"] = (
+        has_batched_spectra(plain.backbone),
+        has_batched_spectra(fsdp.module.backbone),
     )
     _train_two_steps(fsdp, rank)
     with FSDP.state_dict_type(
@@ -308,6 +315,11 @@ def test_wrap_policy_keeps_frozen_and_trainable_parameters_apart(facts):
     assert by_kind["AdaptedLinear"] and all(k == [False] for _, k in by_kind["AdaptedLinear"])
     flora = facts[0]["flora_units"]
     assert "ParameterList" not in flora and flora.count("FLoRA") == 2, flora
+
+
+def test_batched_spectra_step_aside_inside_fsdp_units(facts):
+    for rank in (0, 1):
+        assert facts[rank]["batched"] == (True, False)
 
 
 def test_trainable_table_counts_unsharded_parameters(facts):

@@ -302,6 +302,36 @@ def test_enable_batched_spectra_changes_nothing_but_the_launches(method):
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("method", ["FourierFT", "FoRA"])
+def test_batched_slots_are_computed_once_and_follow_replaced_positions(method, monkeypatch):
+    from mm_spectral.adapters import batched_spectra
+
+    model = _spectral_model(method)
+    x = torch.randn(5, 16)
+    calls = []
+    compute = batched_spectra.batched_positions
+    monkeypatch.setattr(
+        batched_spectra, "batched_positions", lambda *a: calls.append(1) or compute(*a)
+    )
+    handle = enable_batched_spectra(model)
+    try:
+        for _ in range(3):
+            model(x).sum().backward()
+        assert len(calls) == (1 if method == "FourierFT" else 2)  # once per group (and factor)
+        # Other entries in one member (as a state dict of another draw would give): the
+        # kept slots must follow, or the batched build differs from the layer's own.
+        other = model[4].adapter
+        for name in ("indices",) if method == "FourierFT" else ("a_indices", "b_indices"):
+            buffer = getattr(other, name)
+            setattr(other, name, torch.roll(buffer, 1, dims=-1))
+        other.refresh_buffers()
+        y = model(x)
+    finally:
+        handle.remove()
+    assert len(calls) == (2 if method == "FourierFT" else 4)
+    torch.testing.assert_close(y, model(x))
+
+
 def test_a_stale_stash_is_never_read():
     model = _spectral_model("FourierFT")
     adapter = model[0].adapter

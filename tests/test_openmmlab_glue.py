@@ -170,6 +170,23 @@ def test_batched_spectra_option_builds_once_per_shape_with_equal_values_and_grad
                           adapter=cfg, batched_spectra=True, cuda_graph=True))  # fmt: skip
 
 
+def test_batched_spectra_default_is_on_for_eager_spectral_backbones_only():
+    def built(adapter, **switches):
+        cfg = dict(type="AdaptedBackbone", backbone=dict(type="TwinLinearToy"), **switches)
+        return MODELS.build(dict(cfg, adapter=dict(adapter, targets=["a", "b"])))
+
+    fourier = dict(type="FourierFT", n=12)
+    assert built(fourier).mm_spectral_cfg["batched_spectra"] is True
+    assert built(dict(type="FoRA", n=12, rank=4)).mm_spectral_cfg["batched_spectra"] is True
+    assert built(dict(type="LoRA")).mm_spectral_cfg["batched_spectra"] is False
+    for switch in ("cuda_graph", "compile"):
+        assert built(fourier, **{switch: True}).mm_spectral_cfg["batched_spectra"] is False
+    assert built(fourier, batched_spectra=False).mm_spectral_cfg["batched_spectra"] is False
+    one_layer = MODELS.build(dict(type="AdaptedBackbone", backbone=dict(type="TwinLinearToy"),
+                                  adapter=dict(fourier, targets=["a"])))  # fmt: skip
+    assert one_layer.mm_spectral_cfg["batched_spectra"] is False  # nothing to batch
+
+
 def test_init_weights_keeps_grads_adapters_and_summarises_missing_keys(tmp_path):
     torch.manual_seed(1)
     pretrained = MODELS.build(dict(type="GlueToyBackbone")).state_dict()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import json
 import math
 import os.path as osp
@@ -238,28 +239,37 @@ class Prepared:
 
 LOW_RANK = ("LoRA", "DoRA", "FLoRA", "FoRA")  # the methods OPTIONS.rank_term applies to
 NATIVE = ("LoRA", "DoRA", "FLoRA", "FourierFT", "FoRA")  # methods with C++ nodes
-RUN_OPTIONS = ("rank_term", "native")  # variant keys that set how it runs, not the adapter
+SPECTRAL = ("FourierFT", "FoRA")  # methods whose spectra can be built batched
+# variant keys that set how it runs, not the adapter
+RUN_OPTIONS = ("rank_term", "native", "batched_spectra")
+BATCHED_TAGS = {"on": "batched", "off": "per-layer spectra"}
 
 
 def path_variants(
-    adapters: dict[str, dict], terms: list[str] | None, natives: list[str] | None = None
+    adapters: dict[str, dict],
+    terms: list[str] | None,
+    natives: list[str] | None = None,
+    batched: list[str] | None = None,
 ) -> dict[str, dict]:
-    """Each low-rank adapter once per rank-term form (``OPTIONS.rank_term``) and native
-    mode (:mod:`mm_spectral.kernels.native`) asked for, labelled with them; the other
-    adapters once."""
-    if not terms and not natives:
+    """Each low-rank adapter once per rank-term form (``OPTIONS.rank_term``), each adapter
+    with C++ nodes once per native mode (:mod:`mm_spectral.kernels.native`) and each
+    spectral one once per batched-spectra setting asked for, labelled with them."""
+    axes = (("rank_term", terms, LOW_RANK), ("native", natives, NATIVE),
+            ("batched_spectra", batched, SPECTRAL))  # fmt: skip
+    if not any(values for _, values, _ in axes):
         return adapters
     expanded = {}
     for name, cfg in adapters.items():
-        method = cfg["type"]
-        method_terms = (terms or [None]) if method in LOW_RANK else [None]
-        method_natives = (natives or [None]) if method in NATIVE else [None]
-        for term in method_terms:
-            for native in method_natives:
-                options = {k: v for k, v in (("rank_term", term), ("native", native)) if v}
-                tags = [term or "", f"native {native}" if native else ""]
-                label = ", ".join(t for t in tags if t)
-                expanded[f"{name} [{label}]" if label else name] = dict(cfg, **options)
+        choices = [[(key, v) for v in values] if values and cfg["type"] in methods else [None]
+                   for key, values, methods in axes]  # fmt: skip
+        for picked in itertools.product(*choices):
+            options = dict(p for p in picked if p is not None)
+            tags = [
+                {"rank_term": v, "native": f"native {v}", "batched_spectra": BATCHED_TAGS.get(v)}[k]
+                for k, v in options.items()
+            ]
+            label = ", ".join(tags)
+            expanded[f"{name} [{label}]" if label else name] = dict(cfg, **options)
     return expanded
 
 
@@ -308,6 +318,15 @@ def with_run_options(step: Callable[[], float], options: dict[str, str]) -> Call
     return run
 
 
+def batched_spectra_for(label: str, args, option: str | None) -> bool:
+    """Whether a variant builds its spectra batched: as its ``--batched-spectra`` option
+    says, else as ``AdaptedBackbone`` does by default (FourierFT / FoRA, eager)."""
+    if option is not None:
+        return option == "on"
+    spectral = any(m in label for m in SPECTRAL)
+    return spectral and (args.batched_spectra == [] or args.mode == "eager")
+
+
 def prepare(
     spec: Backbone, label: str, model: nn.Module, args, options: dict[str, str] | None = None
 ) -> Prepared:
@@ -323,7 +342,7 @@ def prepare(
     x = torch.randn(spec.batch, 3, spec.size, spec.size, device=args.device)
     # Floor and adapters: gradients must flow through the whole (frozen) backbone.
     x.requires_grad_(label != "full FT")
-    batched = args.batched_spectra and any(m in label for m in ("FourierFT", "FoRA"))
+    batched = batched_spectra_for(label, args, (options or {}).get("batched_spectra"))
     dtype = getattr(torch, args.dtype)
     # float16 steps scale the loss, as OpenMMLab's AmpOptimWrapper does (mmdet's AMP).
     scaler = torch.amp.GradScaler(x.device.type) if dtype == torch.float16 else None
@@ -348,7 +367,8 @@ def result(spec: Backbone, run: Prepared, ms: float, peak: float, args) -> Resul
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     graphs = counters["stats"].get("unique_graphs", 0)
     breaks = sum(counters["graph_break"].values())
-    label = run.label + (" batched" if run.batched else "")
+    # Tagged where `--batched-spectra` was given alone; its values tag the variants' names.
+    label = run.label + (" batched" if run.batched and args.batched_spectra == [] else "")
     return Result(spec.name, label, ms, peak, trainable, args.mode, graphs, breaks)
 
 
@@ -671,8 +691,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--batched-spectra",
-        action="store_true",
-        help="FourierFT/FoRA variants build all same-shape spectra with one FFT per step",
+        nargs="*",
+        default=None,
+        choices=["on", "off"],
+        help="FourierFT/FoRA variants build all same-shape spectra with one FFT per step "
+        "('on'; alone: on in every mode) or one per layer ('off'); both: each variant both "
+        "ways. Default: on in eager mode, as AdaptedBackbone",
     )
     parser.add_argument(
         "--mode",
@@ -710,13 +734,17 @@ def main() -> None:
             for name, cfg in args.adapters.items()
             if any(name.startswith(w) for w in args.variants)
         }
-    args.adapters = path_variants(args.adapters, args.rank_term, args.native)
+    args.adapters = path_variants(
+        args.adapters, args.rank_term, args.native, args.batched_spectra or None
+    )
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    asked = args.batched_spectra
+    batched = "eager mode" if asked is None else "per variant" if asked else "on"
     print(
         f"device: {device_name}; torch {torch.__version__}; timm {timm.__version__}; "
         f"rank term: {OPTIONS.rank_term}; fused low-rank kernels: {fused_low_rank_mode()}; "
-        f"native low-rank linear: {native_mode()}",
+        f"native low-rank linear: {native_mode()}; batched spectra: {batched}",
         flush=True,
     )
     results: list[Result] = []

@@ -10,8 +10,9 @@ batch, and one ``rfft2`` plus one gather in the backward.
   :func:`mm_spectral.adapters.spectral.sparse_spectrum_to_real` (same values, gradients);
 - :func:`batched_fourierft_deltas`, :func:`batched_fora_factors` — every adapter's
   ``delta()`` / ``low_rank_factors()`` for a list of same-shape adapters;
-- :func:`enable_batched_spectra` — opt-in: a forward pre-hook that builds all of a model's
-  spectral ΔW / factors batched before each forward and hands each adapter its own.
+- :func:`enable_batched_spectra` — a forward pre-hook that builds all of a model's spectral
+  ΔW / factors batched before each forward and hands each adapter its own (on by default in
+  eager ``AdaptedBackbone`` training; the layers' scatter slots are computed once and kept).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from .base import is_adapted
@@ -131,42 +133,88 @@ def batched_sparse_spectrum_to_real(
     return _BatchedSparseSpectrumToReal.apply(tuple(shape), slots, scales, *coefficients)
 
 
-def batched_fourierft_deltas(adapters: Sequence[FourierFT]) -> list[Tensor]:
-    """Each adapter's ``delta()`` (float32, its weight's matrix shape) from one batched build."""
-    shape = adapters[0].spec.matrix_shape
-    if any(a.spec.matrix_shape != shape for a in adapters):
-        raise ValueError("batched_fourierft_deltas: the adapters' weights differ in shape")
+Slots = tuple[Tensor, Tensor, Tensor]
+
+
+class SlotCache:
+    """:func:`batched_positions` of each shape group, recomputed only when a member's
+    positions tensor is replaced (a loaded state dict, a move to another device): the
+    per-layer offsets cost three device ops per layer, more than the batched build."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[tuple[Tensor, ...], Slots]] = {}
+
+    def slots(self, key: tuple, positions: Sequence[Tensor], shape: tuple[int, int]) -> Slots:
+        """The slots of ``positions`` (one group, named by ``key``) in ``shape``."""
+        entry = self._entries.get(key)
+        if (
+            entry is None
+            or len(entry[0]) != len(positions)
+            or any(kept is not now for kept, now in zip(entry[0], positions))
+        ):
+            entry = (tuple(positions), batched_positions(positions, shape))
+            self._entries[key] = entry
+        return entry[1]
+
+
+def _same_shape(adapters: Sequence[nn.Module], shape_of: Any, caller: str) -> Any:
+    shape = shape_of(adapters[0])
+    if any(shape_of(a) != shape for a in adapters):
+        raise ValueError(f"{caller}: the adapters' weights differ in shape")
+    return shape
+
+
+def batched_fourierft_deltas(
+    adapters: Sequence[FourierFT], cache: SlotCache | None = None
+) -> list[Tensor]:
+    """Each adapter's ``delta()`` (float32, its weight's matrix shape) from one batched build;
+    ``cache`` keeps the group's slots between steps."""
+    shape = _same_shape(adapters, lambda a: a.spec.matrix_shape, "batched_fourierft_deltas")
+    positions = [a.positions for a in adapters]
+    slots = None if cache is None else cache.slots(("FourierFT", shape), positions, shape)
     deltas = batched_sparse_spectrum_to_real(
-        [a.coefficients for a in adapters],
-        [a.positions for a in adapters],
-        shape,
-        [a.alpha for a in adapters],
+        [a.coefficients for a in adapters], positions, shape, [a.alpha for a in adapters], slots
     )
     return list(deltas.unbind(0))
 
 
-def batched_fora_factors(adapters: Sequence[FoRA]) -> list[tuple[Tensor, Tensor, float]]:
-    """Each adapter's ``low_rank_factors()`` (down, up, scale) from two batched builds."""
-    a_shape, b_shape = adapters[0].a_shape, adapters[0].b_shape
-    if any((a.a_shape, a.b_shape) != (a_shape, b_shape) for a in adapters):
-        raise ValueError("batched_fora_factors: the adapters' factors differ in shape")
+def batched_fora_factors(
+    adapters: Sequence[FoRA], cache: SlotCache | None = None
+) -> list[tuple[Tensor, Tensor, float]]:
+    """Each adapter's ``low_rank_factors()`` (down, up, scale) from two batched builds;
+    ``cache`` keeps the group's slots between steps."""
+    a_shape, b_shape = _same_shape(
+        adapters, lambda a: (a.a_shape, a.b_shape), "batched_fora_factors"
+    )
     ones = [1.0] * len(adapters)
-    downs = batched_sparse_spectrum_to_real(
-        [a.a_coefficients for a in adapters], [a.a_positions for a in adapters], a_shape, ones
-    )
-    ups = batched_sparse_spectrum_to_real(
-        [a.b_coefficients for a in adapters], [a.b_positions for a in adapters], b_shape, ones
-    )
+    factors = []
+    for part, shape in (("a", a_shape), ("b", b_shape)):
+        positions = [getattr(a, f"{part}_positions") for a in adapters]
+        key = ("FoRA", part, a_shape, b_shape)
+        slots = None if cache is None else cache.slots(key, positions, shape)
+        coefficients = [getattr(a, f"{part}_coefficients") for a in adapters]
+        factors.append(batched_sparse_spectrum_to_real(coefficients, positions, shape, ones, slots))
+    downs, ups = factors
     return [(d, u, a.scale) for d, u, a in zip(downs.unbind(0), ups.unbind(0), adapters)]
 
 
-# --- opt-in use in the forward -------------------------------------------------------------
+# --- use in the forward ---------------------------------------------------------------------
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is an FSDP unit (FSDP1 or ``fully_shard``): between its own
+    forwards its parameters are shards, which a build before the model's forward must not
+    read."""
+    return isinstance(module, (FullyShardedDataParallel, FSDPModule))
 
 
 def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """Unmerged FourierFT / FoRA adapters of ``model`` grouped by shape (groups of ≥ 2)."""
+    """Unmerged FourierFT / FoRA adapters of ``model`` grouped by shape (groups of ≥ 2);
+    none when FSDP units sit inside ``model`` (their layers build their own spectra)."""
     groups: dict[tuple, list[nn.Module]] = defaultdict(list)
     for layer in model.modules():
+        if _sharded(layer) and layer is not model:
+            return []
         if not is_adapted(layer) or layer.merged:
             continue
         adapter = layer.adapter
@@ -177,15 +225,21 @@ def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return [(key[0], members) for key, members in groups.items() if len(members) > 1]
 
 
-def build_batched_spectra(model: nn.Module) -> int:
+def has_batched_spectra(model: nn.Module) -> bool:
+    """Whether ``model`` has a group of same-shape spectral layers a batched build serves."""
+    return bool(_groups(model))
+
+
+def build_batched_spectra(model: nn.Module, cache: SlotCache | None = None) -> int:
     """Build every spectral ΔW (FourierFT) and factor pair (FoRA) of ``model`` in one
-    batched call per shape and stash each in its adapter; returns the layers built."""
+    batched call per shape and stash each in its adapter; returns the layers built.
+    ``cache`` keeps each group's scatter slots between calls."""
     built = 0
     for kind, members in _groups(model):
         if kind == "FourierFT":
-            results: list[Any] = batched_fourierft_deltas(members)
+            results: list[Any] = batched_fourierft_deltas(members, cache)
         else:
-            results = batched_fora_factors(members)
+            results = batched_fora_factors(members, cache)
         for adapter, result in zip(members, results):
             stash(adapter, result)
         built += len(members)
@@ -193,14 +247,15 @@ def build_batched_spectra(model: nn.Module) -> int:
 
 
 def enable_batched_spectra(model: nn.Module) -> RemovableHandle:
-    """Opt-in: before each ``model(...)`` call, build its spectral adapters batched.
+    """Before each ``model(...)`` call, build its spectral adapters batched.
 
     Each FourierFT/FoRA adapter then takes its prebuilt ΔW / factors in its forward
     instead of building them itself (merged layers and adapters whose parameters changed
     since ignore them). Returns the hook's handle; ``handle.remove()`` turns it off.
     """
+    cache = SlotCache()
 
     def pre_hook(module: nn.Module, args: Any) -> None:
-        build_batched_spectra(module)
+        build_batched_spectra(module, cache)
 
     return model.register_forward_pre_hook(pre_hook)

@@ -14,7 +14,7 @@ import torch
 from mmengine.registry import MODELS, Registry
 from torch import nn
 
-from ..adapters.batched_spectra import enable_batched_spectra
+from ..adapters.batched_spectra import enable_batched_spectra, has_batched_spectra
 from ..compile import compile_modules
 from ..cuda_graph import enable_cuda_graph
 from ..distributed import clean_name
@@ -31,7 +31,7 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
     trainable: list[str] | None = None,
     frozen_dtype: str | None = None,
     cuda_graph: bool | dict = False,
-    batched_spectra: bool = False,
+    batched_spectra: bool | None = None,
     compile: bool | dict = False,  # noqa: A002  (the config key users write)
 ) -> nn.Module:
     """Build ``backbone``, inject ``adapter`` (targets: regexes over its module names).
@@ -51,8 +51,9 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
             adapters. Not with ``with_cp``; other shapes, eval and CPU run eagerly.
         batched_spectra: build the ΔW / factors of all same-shape FourierFT and FoRA
             layers with one FFT per forward (:func:`mm_spectral.enable_batched_spectra`)
-            instead of one per layer: fewer host ops for eager training with variable input
-            sizes (detection). Not with ``cuda_graph`` (the graph replays its own builds).
+            instead of one per layer: fewer host ops in eager training. None (default):
+            on when the backbone has such layers and neither ``cuda_graph`` nor
+            ``compile`` is set. Not with ``cuda_graph`` (the graph replays its own builds).
         compile: True, or ``dict(targets=[regexes], **torch.compile kwargs)``, to run the
             backbone (or the modules ``targets`` names, e.g. its blocks) through
             ``torch.compile`` (:func:`mm_spectral.compile.compile_modules`): the adapters'
@@ -74,6 +75,8 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
         freeze(inner, trainable)
     if frozen_dtype is not None:
         cast_frozen(inner, getattr(torch, frozen_dtype))
+    if batched_spectra is None:
+        batched_spectra = not (cuda_graph or compile) and has_batched_spectra(inner)
     if batched_spectra:
         if cuda_graph:
             raise ValueError(

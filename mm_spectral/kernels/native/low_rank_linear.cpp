@@ -60,7 +60,7 @@ std::pair<Tensor, std::vector<Tensor>> low_rank_rows(AutogradContext* ctx, const
     if (weight.scalar_type() == dtype) {
       w = at::addmm(weight, u, d, 1.0, scale);
     } else {  // summed in the wider dtype, cast once
-      const auto wide = at::promote_types(weight.scalar_type(), down.scalar_type());
+      const auto wide = c10::promoteTypes(weight.scalar_type(), down.scalar_type());
       w = as_dtype(
           at::addmm(as_dtype(weight, wide), as_dtype(up, wide), as_dtype(down, wide), 1.0, scale),
           dtype);

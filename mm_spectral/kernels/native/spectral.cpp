@@ -54,7 +54,7 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const Tensor x2 = input_rows(x, weight.size(1), dtype);
     // W + ΔW added in the higher of the two precisions, then cast once.
-    const auto wide = at::promote_types(weight.scalar_type(), delta.scalar_type());
+    const auto wide = c10::promoteTypes(weight.scalar_type(), delta.scalar_type());
     const Tensor w = as_dtype(at::add(as_dtype(weight, wide), as_dtype(delta, wide)), dtype);
     const Tensor y = at::linear(x2, w, bias.has_value() ? as_dtype(*bias, dtype) : Tensor());
     ctx->saved_data["x_shape"] = x.sizes();
