@@ -290,7 +290,10 @@ def test_enable_batched_spectra_changes_nothing_but_the_launches(method):
     try:
         y = model(x)
         got = torch.autograd.grad(y.square().sum(), params)
-        assert not any("_prebuilt_stash" in vars(m) for m in model.modules()), "stash left over"
+        left = [
+            k for m in model.modules() for k in vars(m) if k.startswith(("_prebuilt", "_stash"))
+        ]
+        assert not left, "stash or builder left over"
         # A merged layer is not built (and its stash could never be read).
         mm_spectral.merge(model)
         torch.testing.assert_close(model(x), y_ref, rtol=1e-5, atol=1e-6)
@@ -330,6 +333,79 @@ def test_batched_slots_are_computed_once_and_follow_replaced_positions(method, m
         handle.remove()
     assert len(calls) == (2 if method == "FourierFT" else 4)
     torch.testing.assert_close(y, model(x))
+
+
+from mm_spectral.adapters import batched_spectra  # noqa: E402
+
+
+def _same_shape_fourier_chain(layers: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
+    mm_spectral.inject(model, dict(type="FourierFT", n=30, alpha=20.0, targets=[r"\d"]))
+    for layer in model:
+        randomize_adapter(layer.adapter)
+    return model
+
+
+def test_batched_builds_run_in_chunks_when_their_first_layer_runs(monkeypatch):
+    """Chunks of at most max_chunk_bytes, each built by its first layer to run (so no
+    forward holds every layer's ΔW); values and gradients as the layers' own builds."""
+    model = _same_shape_fourier_chain(5)
+    x = torch.randn(3, 16)
+    params = [p for n, p in model.named_parameters() if ".adapter." in n]
+    reference = torch.autograd.grad(model(x).square().sum(), params)
+    stashed = []
+    for layer in model:
+        layer.register_forward_hook(
+            lambda *_: stashed.append(["_prebuilt_stash" in vars(m.adapter) for m in model])
+        )
+    calls = []
+    build = batched_spectra.batched_fourierft_deltas
+    monkeypatch.setattr(
+        batched_spectra,
+        "batched_fourierft_deltas",
+        lambda a, c: calls.append(len(a)) or build(a, c),
+    )
+    handle = enable_batched_spectra(model, max_chunk_bytes=2 * 4 * 16 * 16)  # 2 layers' ΔW
+    try:
+        got = torch.autograd.grad(model(x).square().sum(), params)
+    finally:
+        handle.remove()
+    # chunks [0, 1], [2, 3] and layer 4 alone: after layer 0 runs, layer 1 holds its ΔW
+    after = [[False, True, False, False, False], [False] * 5,
+             [False, False, False, True, False], [False] * 5, [False] * 5]  # fmt: skip
+    assert stashed == after
+    assert calls == [2, 2]
+    for g, w in zip(got, reference):
+        torch.testing.assert_close(g, w)
+
+
+def test_a_stash_built_without_gradient_waits_for_a_build_with_it():
+    """Under a reentrant checkpoint the first pass runs without gradient: the chunk its
+    layer builds must not serve a later layer that runs with gradient."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _same_shape_fourier_chain(2)
+    x = torch.randn(3, 16, requires_grad=True)
+    params = [p for n, p in model.named_parameters() if ".adapter." in n]
+
+    def grads() -> list[torch.Tensor]:  # a reentrant checkpoint works with backward() only
+        model[1](checkpoint(model[0], x, use_reentrant=True)).square().sum().backward()
+        out = [p.grad for p in params]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    reference = grads()
+    assert batched_spectra.plan_batched_spectra(model) == 2  # what the model's pre-hook does
+    got = grads()
+    for g, w in zip(got, reference):
+        torch.testing.assert_close(g, w)
+    with torch.no_grad():
+        stash(model[0].adapter, "no-grad build")
+    assert take_stash(model[0].adapter) is None
+    with torch.no_grad():
+        stash(model[0].adapter, "no-grad build")
+        assert take_stash(model[0].adapter) == "no-grad build"
 
 
 def test_a_stale_stash_is_never_read():

@@ -17,6 +17,8 @@ batch, and one ``rfft2`` plus one gather in the backward.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from .base import is_adapted
 from .fora import FoRA
 from .fourierft import FourierFT
-from .stash import stash
+from .stash import stash, stash_builder
 
 
 def _layer_slots(rows: int, cols: int) -> int:
@@ -137,21 +139,23 @@ Slots = tuple[Tensor, Tensor, Tensor]
 
 
 class SlotCache:
-    """:func:`batched_positions` of each shape group, recomputed only when a member's
-    positions tensor is replaced (a loaded state dict, a move to another device): the
+    """:func:`batched_positions` of each group of layers, computed once per set of
+    positions tensors (a loaded state dict or a move to another device replaces them): the
     per-layer offsets cost three device ops per layer, more than the batched build."""
 
+    MAX_ENTRIES = 256  # many more than a model's groups: past it, start afresh
+
     def __init__(self) -> None:
+        # Keyed by the positions tensors' ids, which the entry keeps alive (so not reused).
         self._entries: dict[tuple, tuple[tuple[Tensor, ...], Slots]] = {}
 
-    def slots(self, key: tuple, positions: Sequence[Tensor], shape: tuple[int, int]) -> Slots:
-        """The slots of ``positions`` (one group, named by ``key``) in ``shape``."""
+    def slots(self, positions: Sequence[Tensor], shape: tuple[int, int]) -> Slots:
+        """The slots of ``positions`` (one group's layers, in order) in ``shape``."""
+        key = (tuple(shape), *map(id, positions))
         entry = self._entries.get(key)
-        if (
-            entry is None
-            or len(entry[0]) != len(positions)
-            or any(kept is not now for kept, now in zip(entry[0], positions))
-        ):
+        if entry is None:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
             entry = (tuple(positions), batched_positions(positions, shape))
             self._entries[key] = entry
         return entry[1]
@@ -171,7 +175,7 @@ def batched_fourierft_deltas(
     ``cache`` keeps the group's slots between steps."""
     shape = _same_shape(adapters, lambda a: a.spec.matrix_shape, "batched_fourierft_deltas")
     positions = [a.positions for a in adapters]
-    slots = None if cache is None else cache.slots(("FourierFT", shape), positions, shape)
+    slots = None if cache is None else cache.slots(positions, shape)
     deltas = batched_sparse_spectrum_to_real(
         [a.coefficients for a in adapters], positions, shape, [a.alpha for a in adapters], slots
     )
@@ -190,8 +194,7 @@ def batched_fora_factors(
     factors = []
     for part, shape in (("a", a_shape), ("b", b_shape)):
         positions = [getattr(a, f"{part}_positions") for a in adapters]
-        key = ("FoRA", part, a_shape, b_shape)
-        slots = None if cache is None else cache.slots(key, positions, shape)
+        slots = None if cache is None else cache.slots(positions, shape)
         coefficients = [getattr(a, f"{part}_coefficients") for a in adapters]
         factors.append(batched_sparse_spectrum_to_real(coefficients, positions, shape, ones, slots))
     downs, ups = factors
@@ -230,24 +233,74 @@ def has_batched_spectra(model: nn.Module) -> bool:
     return bool(_groups(model))
 
 
+def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> None:
+    """Build ``members``' spectra batched and stash each in its adapter."""
+    if kind == "FourierFT":
+        results: list[Any] = batched_fourierft_deltas(members, cache)
+    else:
+        results = batched_fora_factors(members, cache)
+    for adapter, result in zip(members, results):
+        stash(adapter, result)
+
+
 def build_batched_spectra(model: nn.Module, cache: SlotCache | None = None) -> int:
-    """Build every spectral ΔW (FourierFT) and factor pair (FoRA) of ``model`` in one
-    batched call per shape and stash each in its adapter; returns the layers built.
+    """Build every spectral ΔW (FourierFT) and factor pair (FoRA) of ``model`` now, in one
+    batched call per shape, and stash each in its adapter; returns the layers built.
     ``cache`` keeps each group's scatter slots between calls."""
     built = 0
     for kind, members in _groups(model):
-        if kind == "FourierFT":
-            results: list[Any] = batched_fourierft_deltas(members, cache)
-        else:
-            results = batched_fora_factors(members, cache)
-        for adapter, result in zip(members, results):
-            stash(adapter, result)
+        _build(kind, members, cache)
         built += len(members)
     return built
 
 
-def enable_batched_spectra(model: nn.Module) -> RemovableHandle:
-    """Before each ``model(...)`` call, build its spectral adapters batched.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def _layer_bytes(adapter: nn.Module) -> int:
+    """Bytes of what a batched build makes for one layer (float32 ΔW or factor pair)."""
+    if isinstance(adapter, FourierFT):
+        return 4 * math.prod(adapter.spec.matrix_shape)
+    return 4 * (math.prod(adapter.a_shape) + math.prod(adapter.b_shape))
+
+
+def chunks(members: Sequence[nn.Module], max_bytes: int) -> list[list[nn.Module]]:
+    """``members`` (one shape group, in module order) in consecutive chunks of equal
+    length whose builds each make at most ``max_bytes`` (one layer if it alone is more)."""
+    per_chunk = max(1, max_bytes // _layer_bytes(members[0]))
+    count = -(-len(members) // per_chunk)
+    size = -(-len(members) // count)
+    return [list(members[i : i + size]) for i in range(0, len(members), size)]
+
+
+def plan_batched_spectra(
+    model: nn.Module, cache: SlotCache | None = None, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> int:
+    """Hand each same-shape group's spectral adapters, in chunks of at most
+    ``max_chunk_bytes``, one batched build that the first of them to run makes for all
+    (:func:`~mm_spectral.adapters.stash.stash_builder`); returns the layers planned.
+
+    Built on demand rather than all before the forward: a chunk's storage is freed once its
+    last layer has run, so the forward never holds every layer's ΔW at once (for ViT-L's
+    FourierFT that would be 1.2 GB held to the end of the forward, the memory peak).
+    """
+    planned = 0
+    for kind, members in _groups(model):
+        for chunk in chunks(members, max_chunk_bytes):
+            if len(chunk) < 2:
+                continue  # a layer alone builds itself
+            build = functools.partial(_build, kind, chunk, cache)
+            for adapter in chunk:
+                stash_builder(adapter, build)
+            planned += len(chunk)
+    return planned
+
+
+def enable_batched_spectra(
+    model: nn.Module, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> RemovableHandle:
+    """Before each ``model(...)`` call, plan batched builds of its spectral adapters
+    (:func:`plan_batched_spectra`).
 
     Each FourierFT/FoRA adapter then takes its prebuilt ΔW / factors in its forward
     instead of building them itself (merged layers and adapters whose parameters changed
@@ -256,6 +309,6 @@ def enable_batched_spectra(model: nn.Module) -> RemovableHandle:
     cache = SlotCache()
 
     def pre_hook(module: nn.Module, args: Any) -> None:
-        build_batched_spectra(module, cache)
+        plan_batched_spectra(module, cache, max_chunk_bytes)
 
     return model.register_forward_pre_hook(pre_hook)

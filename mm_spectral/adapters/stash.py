@@ -1,20 +1,24 @@
 """Handing an adapter a prebuilt result (its ΔW or factors) for its next forward.
 
 Used by :func:`mm_spectral.adapters.batched_spectra.enable_batched_spectra`, which builds
-many adapters' spectra in one batched call before the model runs. A stash is taken at
-most once and only while the adapter's parameters are unchanged (their version counters,
-bumped by every in-place update such as an optimizer step), so a stash left over by a
-forward that skipped the layer can never be read after the parameters moved.
+many adapters' spectra in one batched call, made by the first of them to run (its
+*builder*). A stash is taken at most once and only while the adapter's parameters are
+unchanged (their version counters, bumped by every in-place update such as an optimizer
+step), so a stash left over by a forward that skipped the layer can never be read after the
+parameters moved; nor is one built without gradient (a reentrant checkpoint's first pass)
+taken where gradients are on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 _STASH = "_prebuilt_stash"
+_BUILDER = "_stash_builder"
 
 
 def _versions(adapter: nn.Module) -> tuple[int, ...]:
@@ -23,11 +27,20 @@ def _versions(adapter: nn.Module) -> tuple[int, ...]:
 
 def stash(adapter: nn.Module, value: Any) -> None:
     """Hand ``adapter`` a prebuilt result, valid while its parameters are unchanged."""
-    adapter.__dict__[_STASH] = (value, _versions(adapter))
+    adapter.__dict__.pop(_BUILDER, None)
+    adapter.__dict__[_STASH] = (value, _versions(adapter), torch.is_grad_enabled())
+
+
+def stash_builder(adapter: nn.Module, build: Callable[[], None]) -> None:
+    """Register ``build``, which stashes ``adapter``'s result (and its batch-mates'),
+    to run when the adapter first asks for its result; drops an earlier stash."""
+    adapter.__dict__.pop(_STASH, None)
+    adapter.__dict__[_BUILDER] = build
 
 
 def take_stash(adapter: nn.Module) -> Any | None:
-    """The result handed to ``adapter`` (once), or None if there is none or it is stale.
+    """The result handed to ``adapter`` (once, built now if only its builder is there), or
+    None if there is none or it is stale.
 
     None while ``torch.compile`` traces: a compiled model builds its own spectra (batched
     builds are refused with compile), and a dict pop would break the traced graph.
@@ -36,6 +49,14 @@ def take_stash(adapter: nn.Module) -> Any | None:
         return None
     entry = adapter.__dict__.pop(_STASH, None)
     if entry is None:
+        build = adapter.__dict__.pop(_BUILDER, None)
+        if build is None:
+            return None
+        build()
+        entry = adapter.__dict__.pop(_STASH, None)
+        if entry is None:
+            return None
+    value, versions, with_grad = entry
+    if versions != _versions(adapter) or (torch.is_grad_enabled() and not with_grad):
         return None
-    value, versions = entry
-    return value if versions == _versions(adapter) else None
+    return value
