@@ -380,6 +380,34 @@ def test_batched_builds_run_in_chunks_when_their_first_layer_runs(monkeypatch):
         torch.testing.assert_close(g, w)
 
 
+def test_a_chunk_is_freed_once_its_last_layer_has_run(monkeypatch):
+    """No forward holds every layer's ΔW: a chunk's storage dies when its layers have run,
+    before the forward ends (the peak), and its gradient still reaches every coefficient."""
+    import weakref
+
+    model = _same_shape_fourier_chain(4)
+    built = []
+    build = batched_spectra.batched_sparse_spectrum_to_real
+
+    def recorded(*args, **kwargs):
+        out = build(*args, **kwargs)
+        built.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(batched_spectra, "batched_sparse_spectrum_to_real", recorded)
+    alive_after = []
+    for layer in model:
+        layer.register_forward_hook(lambda *_: alive_after.append([r() is not None for r in built]))
+    handle = enable_batched_spectra(model, max_chunk_bytes=2 * 4 * 16 * 16)  # chunks of 2
+    try:
+        model(torch.randn(3, 16)).square().sum().backward()
+    finally:
+        handle.remove()
+    assert alive_after == [[True], [False], [False, True], [False, False]]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if ".adapter." in n)  # fmt: skip
+
+
 def test_a_stash_built_without_gradient_waits_for_a_build_with_it():
     """Under a reentrant checkpoint the first pass runs without gradient: the chunk its
     layer builds must not serve a later layer that runs with gradient."""
