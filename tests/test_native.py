@@ -1,5 +1,5 @@
-"""The C++ autograd node for adapted linears (``mm_spectral.kernels.native``) against the
-Python ``LowRankLinear`` it replaces in eager steps, against finite differences, and its
+"""The C++ autograd nodes for adapted layers (``mm_spectral.kernels.native``) against the
+Python functions they replace in eager steps, against finite differences, and their
 modes: a failed build falls back with a warning ('auto') or raises ('on')."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ def native_module():
         set_native_mode(previous)
 
 
-def step(method, mode, rank_term, monkeypatch, autocast=False, train_base=False):
+def step(method, mode, rank_term, monkeypatch, autocast=False, train_base=False, layer="linear"):
     """Output, gradients and the grad_fn's type name of one forward + backward."""
-    model, x = make_case(method, "linear")
+    model, x = make_case(method, layer)
     model.layer.weight.requires_grad_(train_base)
     model.layer.bias.requires_grad_(train_base)
     x.requires_grad_(True)
@@ -156,6 +156,49 @@ def test_native_flora_node_passes_gradcheck(in_weight, with_bias, native_module)
     assert torch.autograd.gradcheck(fn, (x, weight, bias, core, u_out, u_in))
     reference = x @ (weight + 0.7 * u_out @ core @ u_in.T).T + (0 if bias is None else bias)
     torch.testing.assert_close(fn(x, weight, bias, core, u_out, u_in), reference)
+
+
+CONV_LAYERS = ["conv3x3", "conv_strided", "depthwise7x7", "stem4x4"]
+
+
+@pytest.mark.parametrize("layer", CONV_LAYERS)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_native_flora_conv_equals_the_python_function(layer, autocast, monkeypatch, native_module):
+    """FLoRA on convs (factored, and the grouped conv's ΔW): its factors come from the C++
+    node, and the step equals the Python function's (exactly in float32; both compute the
+    factors in float32 under autocast too)."""
+    model, _ = make_case("FLoRA", layer)
+    adapter = model.layer.adapter
+    factor = adapter.delta() if layer == "depthwise7x7" else adapter.low_rank_factors()[0]
+    assert "CppNode<mm_spectral_native" in factor.grad_fn.name()
+    got, got_grads, _ = step("FLoRA", "on", "auto", monkeypatch, autocast=autocast, layer=layer)
+    ref, ref_grads, _ = step("FLoRA", "off", "auto", monkeypatch, autocast=autocast, layer=layer)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert len(got_grads) == len(ref_grads) == 6  # x, core, four factors
+    for g, r in zip(got_grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_up", [False, True], ids=["down", "delta"])
+@pytest.mark.parametrize("shape", [(6, 1, 7, 7), (5, 3, 4, 4), (4, 6, 1, 1)])
+def test_native_tucker_conv_factor_passes_gradcheck(shape, with_up, native_module):
+    """scale · core ×₁ U_out ×₂ U_in ×₃ U_h ×₄ U_w (or without U_out, unfolded to
+    (J_out, in · kh · kw)) against an einsum and finite differences on every input."""
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    ranks = [min(3, size) for size in shape]
+    core = torch.randn(*ranks, **kw)
+    factors = [torch.randn(size, r, **kw) for size, r in zip(shape, ranks)]
+
+    def fn(core, u_out, u_in, u_h, u_w):
+        up = u_out if with_up else None
+        return native_module.tucker_conv_factor(core, u_in, u_h, u_w, up, 0.7)
+
+    assert torch.autograd.gradcheck(fn, (core, *factors))
+    u_out = factors[0] if with_up else torch.eye(ranks[0], dtype=torch.float64)
+    reference = 0.7 * torch.einsum("abcd,ia,jb,kc,ld->ijkl", core, u_out, *factors[1:])
+    torch.testing.assert_close(fn(core, *factors), reference.reshape(reference.shape[0], -1))
 
 
 @pytest.mark.parametrize("shape", [(6, 8), (5, 7), (4, 1)])

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..kernels.native import native_ops
 from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
 from .functional import eager_native, in_weight_form, outside_autocast, scaled_mm
 
@@ -51,9 +52,22 @@ class _ConvTuckerDown(torch.autograd.Function):
         return grad_core, grad_in, grad_h, grad_w, None
 
 
-def conv_tucker_down(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
-    """scale · core ×₂ factors[1] ×₃ factors[2] ×₄ factors[3] as (J₁, in/groups · kh · kw)."""
-    return _ConvTuckerDown.apply(core, factors[1], factors[2], factors[3], float(scale))
+def conv_tucker_down(
+    core: Tensor, factors: Sequence[Tensor], scale: float = 1.0, with_up: bool = False
+) -> Tensor:
+    """scale · core ×₂ factors[1] ×₃ factors[2] ×₄ factors[3] as (J₁, in/groups · kh · kw);
+    ``with_up``: also ×₁ factors[0], i.e. ΔW as (out, in/groups · kh · kw). Float32, one
+    C++ node in eager steps (:mod:`mm_spectral.kernels.native`), else the Python function."""
+    if not torch.compiler.is_compiling():
+        native = native_ops()
+        if native is not None:
+            up = factors[0] if with_up else None
+            return native.tucker_conv_factor(core, *factors[1:], up, float(scale))
+    device_type = core.device.type
+    if torch.is_autocast_enabled(device_type):  # float32, as the C++ node
+        return outside_autocast(device_type, conv_tucker_down, core, factors, scale, with_up)
+    down = _ConvTuckerDown.apply(core, factors[1], factors[2], factors[3], float(scale))
+    return torch.mm(factors[0], down) if with_up else down
 
 
 @register_adapter
@@ -99,7 +113,7 @@ class FLoRA(LowRankAdapter):
     def delta(self) -> Tensor:
         if len(self.factors) == 2:
             return super().delta()
-        return torch.mm(self.factors[0], conv_tucker_down(self.core, self.factors, self.scale))
+        return conv_tucker_down(self.core, self.factors, self.scale, with_up=True)
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         device_type = self.core.device.type

@@ -90,6 +90,8 @@ Tensor low_rank_inverse_norms(const Tensor& weight, const Tensor& down, const Te
                               double scale, const std::optional<Tensor>& base_squares);
 Tensor sparse_spectrum_to_real(const Tensor& coefficients, const Tensor& positions,
                                int64_t rows, int64_t cols, double scale);
+Tensor tucker_conv_factor(const Tensor& core, const Tensor& u_in, const Tensor& u_h,
+                          const Tensor& u_w, const std::optional<Tensor>& u_out, double scale);
 Tensor delta_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                     const Tensor& delta);
 

@@ -17,6 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_spectrum_to_real", &mm_spectral_native::sparse_spectrum_to_real,
         "scale · Re(ifft2(F)), float32, F zero but at the entries behind positions (FourierFT's "
         "ΔW, FoRA's factors), as one C++ autograd node");
+  m.def("tucker_conv_factor", &mm_spectral_native::tucker_conv_factor,
+        "FLoRA's conv factor scale · core ×₂ U_in ×₃ U_h ×₄ U_w as (J_out, in · kh · kw), "
+        "times U_out (ΔW) when given, float32, as one C++ autograd node");
   m.def("delta_linear", &mm_spectral_native::delta_linear,
         "y = x (W + ΔW)ᵀ + b as one GEMM in one C++ autograd node");
 }
