@@ -201,6 +201,53 @@ def test_native_tucker_conv_factor_passes_gradcheck(shape, with_up, native_modul
     torch.testing.assert_close(fn(core, *factors), reference.reshape(reference.shape[0], -1))
 
 
+DENSE_CONV_CASES = [("FourierFT", layer) for layer in CONV_LAYERS] + [
+    ("LoRA", "depthwise7x7"), ("FLoRA", "depthwise7x7"), ("FoRA", "depthwise7x7"),
+    ("LoRA-loralib", "conv3x3"), ("LoRA-loralib", "conv_strided"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method,layer", DENSE_CONV_CASES)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trainable-base"])
+def test_native_delta_conv_equals_the_python_op(
+    method, layer, autocast, train_base, monkeypatch, native_module
+):
+    """Convs that build ΔW run W0 + ΔW through one C++ node: the same output and gradients
+    (x, adapter, and the base weight and bias when they train) as the Python op."""
+    kw = dict(autocast=autocast, train_base=train_base, layer=layer)
+    got, got_grads, node = step(method, "on", "auto", monkeypatch, **kw)
+    ref, ref_grads, ref_node = step(method, "off", "auto", monkeypatch, **kw)
+    assert "CppNode<mm_spectral_native" in node and "CppNode" not in ref_node
+    assert got.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert len(got_grads) == len(ref_grads)
+    for g, r in zip(got_grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_native_delta_conv_passes_gradcheck(groups, with_bias, native_module):
+    """conv2d(x, W + ΔW, b) with stride, padding, dilation and groups: finite differences
+    on every input (ΔW given as the weight's matrix view), and the formula."""
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, 7, 6, **kw)
+    weight = torch.randn(6, 4 // groups, 3, 2, **kw)
+    delta = torch.randn(6, 4 // groups * 3 * 2, **kw)
+    bias = torch.randn(6, **kw) if with_bias else None
+    options = dict(stride=[2, 1], padding=[1, 2], dilation=[1, 2], groups=groups)
+
+    def fn(x, weight, bias, delta):
+        return native_module.delta_conv2d(x, weight, bias, delta, *options.values())
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, delta))
+    reference = torch.nn.functional.conv2d(x, weight + delta.view_as(weight), bias, **options)
+    torch.testing.assert_close(fn(x, weight, bias, delta), reference)
+
+
 @pytest.mark.parametrize("shape", [(6, 8), (5, 7), (4, 1)])
 def test_native_sparse_spectrum_equals_python_and_an_explicit_dft(shape, native_module):
     """Re(ifft2(F)) of a sparse spectrum: the C++ node against the Python function (values

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.native import native_ops
 from .functional import delta_linear, low_rank_linear
 
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -103,6 +104,21 @@ def layer_op(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -
     return F.linear(x, weight, bias)
 
 
+def delta_conv(layer: nn.Conv2d, x: Tensor, bias: Tensor | None, delta: Tensor) -> Tensor:
+    """The conv ``layer`` run with weight W0 + ΔW: eagerly one C++ node
+    (:mod:`mm_spectral.kernels.native`) for zero padding given as numbers, else its own op
+    on ``W0 + ΔW`` (ΔW cast to W0's dtype first)."""
+    plain = layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+    if plain and not torch.compiler.is_compiling():
+        native = native_ops()
+        if native is not None:
+            return native.delta_conv2d(
+                x, layer.weight, bias, delta, layer.stride, layer.padding, layer.dilation,
+                layer.groups,
+            )  # fmt: skip
+    return layer_op(layer, x, layer.weight + delta.to(layer.weight.dtype), bias)
+
+
 class BaseAdapter(nn.Module):
     """Parameters of one layer's weight change ΔW (and, for BitFit, bias change Δb).
 
@@ -170,7 +186,7 @@ class BaseAdapter(nn.Module):
             bias = bias + delta_bias
         if self.spec.kind == "linear":
             return delta_linear(x, layer.weight, bias, delta)
-        return layer_op(layer, x, layer.weight + delta.to(layer.weight.dtype), bias)
+        return delta_conv(layer, x, bias, delta)
 
     def refresh_buffers(self) -> None:
         """Recompute derived (non-persistent) buffers after persistent ones changed."""

@@ -92,6 +92,9 @@ Tensor sparse_spectrum_to_real(const Tensor& coefficients, const Tensor& positio
                                int64_t rows, int64_t cols, double scale);
 Tensor tucker_conv_factor(const Tensor& core, const Tensor& u_in, const Tensor& u_h,
                           const Tensor& u_w, const std::optional<Tensor>& u_out, double scale);
+Tensor delta_conv2d(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                    const Tensor& delta, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                    std::vector<int64_t> dilation, int64_t groups);
 Tensor delta_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                     const Tensor& delta);
 

@@ -20,6 +20,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tucker_conv_factor", &mm_spectral_native::tucker_conv_factor,
         "FLoRA's conv factor scale · core ×₂ U_in ×₃ U_h ×₄ U_w as (J_out, in · kh · kw), "
         "times U_out (ΔW) when given, float32, as one C++ autograd node");
+  m.def("delta_conv2d", &mm_spectral_native::delta_conv2d,
+        "y = conv2d(x, W + ΔW, b) with the given stride, padding, dilation and groups as one "
+        "C++ autograd node");
   m.def("delta_linear", &mm_spectral_native::delta_linear,
         "y = x (W + ΔW)ᵀ + b as one GEMM in one C++ autograd node");
 }
