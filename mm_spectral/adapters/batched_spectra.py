@@ -10,9 +10,10 @@ batch, and one ``rfft2`` plus one gather in the backward.
   :func:`mm_spectral.adapters.spectral.sparse_spectrum_to_real` (same values, gradients);
 - :func:`batched_fourierft_deltas`, :func:`batched_fora_factors` — every adapter's
   ``delta()`` / ``low_rank_factors()`` for a list of same-shape adapters;
-- :func:`enable_batched_spectra` — a forward pre-hook that builds all of a model's spectral
-  ΔW / factors batched before each forward and hands each adapter its own (on by default in
-  eager ``AdaptedBackbone`` training; the layers' scatter slots are computed once and kept).
+- :func:`enable_batched_spectra` — a forward pre-hook that plans, before each forward,
+  batched builds of a model's spectral ΔW / factors in chunks, each made by the first of its
+  layers to run, and hands each adapter its own (on by default in eager ``AdaptedBackbone``
+  training; the layers' scatter slots are computed once and kept).
 """
 
 from __future__ import annotations
