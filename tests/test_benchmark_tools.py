@@ -210,3 +210,31 @@ def test_dispatch_cost_benchmark_tiny_run():
     }  # the fused-kernel row needs a GPU
     assert all(math.isfinite(v) for v in [*ops.values(), *layers.values()])
     assert layers["frozen linear (absolute)"] > 0
+
+
+def test_model_benchmark_sets_batched_spectra_per_variant():
+    """benchmark_model.py --batched-spectra on off: FourierFT / FoRA configs once per
+    setting, written into AdaptedBackbone's switch; without it the config's own default."""
+    from mmengine.config import Config
+
+    sys.path.insert(0, str(REPO))
+    from tools import benchmark, benchmark_model
+
+    variants = {name: dict(type=name.split()[0], path=path)
+                for name, path in benchmark_model.VARIANTS.items()
+                if name.startswith(("FourierFT", "LoRA"))}  # fmt: skip
+    expanded = benchmark.path_variants(variants, None, None, ["on", "off"])
+    assert set(expanded) == {
+        "FourierFT n3000 [batched]", "FourierFT n3000 [per-layer spectra]", "LoRA r16"
+    }  # fmt: skip
+    for label, want in (("[batched]", True), ("[per-layer spectra]", False)):
+        variant = expanded[f"FourierFT n3000 {label}"]
+        cfg = Config.fromfile(variant["path"])
+        option = benchmark.run_options(variant)["batched_spectra"]
+        benchmark_model.set_batched_spectra(cfg, option, ["on", "off"])
+        assert cfg.model.backbone.batched_spectra is want
+    cfg = Config.fromfile(variants["FourierFT n3000"]["path"])
+    benchmark_model.set_batched_spectra(cfg, None, None)
+    assert "batched_spectra" not in cfg.model.backbone  # AdaptedBackbone's default decides
+    benchmark_model.set_batched_spectra(cfg, None, [])  # the flag alone
+    assert cfg.model.backbone.batched_spectra is True

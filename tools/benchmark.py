@@ -273,9 +273,9 @@ def path_variants(
     return expanded
 
 
-def add_rank_term_argument(parser: argparse.ArgumentParser) -> None:
-    """``--rank-term`` and ``--native``, shared by the benchmark scripts (see
-    :func:`path_variants`)."""
+def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--rank-term``, ``--native`` and ``--batched-spectra``, shared by the benchmark
+    scripts (see :func:`path_variants`)."""
     parser.add_argument(
         "--rank-term",
         nargs="+",
@@ -291,6 +291,15 @@ def add_rank_term_argument(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "off"],
         help="run each LoRA/DoRA/FLoRA/FourierFT/FoRA variant once per native mode given: 'off' steps "
         "adapted linears through the Python autograd function instead of the C++ node",
+    )
+    parser.add_argument(
+        "--batched-spectra",
+        nargs="*",
+        default=None,
+        choices=["on", "off"],
+        help="FourierFT/FoRA variants build all same-shape spectra with one FFT per step "
+        "('on'; alone: on in every mode) or one per layer ('off'); both: each variant both "
+        "ways. Default: as AdaptedBackbone (on in eager steps)",
     )
 
 
@@ -690,15 +699,6 @@ def main() -> None:
         "--peers", action="store_true", help="also time HF peft's LoRA and FourierFT (needs peft)"
     )
     parser.add_argument(
-        "--batched-spectra",
-        nargs="*",
-        default=None,
-        choices=["on", "off"],
-        help="FourierFT/FoRA variants build all same-shape spectra with one FFT per step "
-        "('on'; alone: on in every mode) or one per layer ('off'); both: each variant both "
-        "ways. Default: on in eager mode, as AdaptedBackbone",
-    )
-    parser.add_argument(
         "--mode",
         nargs="+",
         default=["eager"],
@@ -719,7 +719,7 @@ def main() -> None:
         help="time only these adapters (names starting with one of the words, e.g. LoRA, "
         "'FLoRA r16'; floor and full FT always run)",
     )
-    add_rank_term_argument(parser)
+    add_run_option_arguments(parser)
     args = parser.parse_args()
     modes = args.mode
     if args.interleave and any(m.startswith("compile") for m in modes):

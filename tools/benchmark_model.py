@@ -36,7 +36,7 @@ import mm_spectral.openmmlab  # noqa: E402,F401  (registers the project's classe
 from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 from tools.benchmark import (  # noqa: E402
-    add_rank_term_argument,
+    add_run_option_arguments,
     path_variants,
     run_options,
     time_interleaved,
@@ -122,6 +122,17 @@ def synthetic_batch(
     return dict(inputs=inputs, data_samples=samples)
 
 
+def set_batched_spectra(cfg: Config, option: str | None, asked: list[str] | None) -> None:
+    """``AdaptedBackbone(batched_spectra=...)`` as the variant's ``--batched-spectra`` option
+    says ('on' / 'off'; the flag alone: on), else the config's own setting."""
+    if cfg.model.backbone.type != "AdaptedBackbone":
+        return
+    if option is not None:
+        cfg.model.backbone.batched_spectra = option == "on"
+    elif asked == []:
+        cfg.model.backbone.batched_spectra = True
+
+
 def prepare_config(
     path: str, args, options: dict[str, str] | None = None
 ) -> tuple[Callable[[], None], int]:
@@ -155,6 +166,7 @@ def prepare_config(
         adapter = cfg.model.backbone.get("adapter")
         if adapter and "n" in adapter:  # tiny layers hold fewer entries than n
             adapter.n //= 10
+    set_batched_spectra(cfg, (options or {}).get("batched_spectra"), args.batched_spectra)
     if args.cuda_graph and cfg.model.backbone.type == "AdaptedBackbone":
         cfg.model.backbone.cuda_graph = True  # the user-facing switch
     if args.compile:
@@ -294,7 +306,7 @@ def main() -> None:
         "800x1088 736x1344: keep-ratio resizes padded to 32, as COCO's pipeline gives); "
         "default: one square --size",
     )
-    add_rank_term_argument(parser)
+    add_run_option_arguments(parser)
     args = parser.parse_args()
     if args.compile and args.cuda_graph:
         parser.error("use one of --compile and --cuda-graph")
@@ -328,6 +340,7 @@ def main() -> None:
         {name: dict(type=methods[name], path=path) for name, path in chosen.items()},
         args.rank_term,
         args.native,
+        args.batched_spectra or None,
     )
     runs = [(label, cfg["path"], run_options(cfg)) for label, cfg in expanded.items()]
     chosen = {label: path for label, path, _ in runs}
