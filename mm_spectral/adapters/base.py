@@ -104,18 +104,25 @@ def layer_op(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -
     return F.linear(x, weight, bias)
 
 
+def native_conv_ops(layer: nn.Conv2d) -> Any:
+    """The C++ module (:mod:`mm_spectral.kernels.native`) where ``layer``'s conv can run in
+    it: an eager step, and zero padding given as numbers; else None."""
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return None
+    return None if torch.compiler.is_compiling() else native_ops()
+
+
+def conv_options(layer: nn.Conv2d) -> tuple[Any, Any, Any, int]:
+    """(stride, padding, dilation, groups) of ``layer``, as the C++ conv nodes take them."""
+    return layer.stride, layer.padding, layer.dilation, layer.groups
+
+
 def delta_conv(layer: nn.Conv2d, x: Tensor, bias: Tensor | None, delta: Tensor) -> Tensor:
     """The conv ``layer`` run with weight W0 + ΔW: eagerly one C++ node
-    (:mod:`mm_spectral.kernels.native`) for zero padding given as numbers, else its own op
-    on ``W0 + ΔW`` (ΔW cast to W0's dtype first)."""
-    plain = layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
-    if plain and not torch.compiler.is_compiling():
-        native = native_ops()
-        if native is not None:
-            return native.delta_conv2d(
-                x, layer.weight, bias, delta, layer.stride, layer.padding, layer.dilation,
-                layer.groups,
-            )  # fmt: skip
+    (:func:`native_conv_ops`), else its own op on ``W0 + ΔW`` (ΔW cast to W0's dtype first)."""
+    native = native_conv_ops(layer)
+    if native is not None:
+        return native.delta_conv2d(x, layer.weight, bias, delta, *conv_options(layer))
     return layer_op(layer, x, layer.weight + delta.to(layer.weight.dtype), bias)
 
 

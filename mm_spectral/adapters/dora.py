@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..kernels.dispatch import off_default_stream
 from ..kernels.native import native_ops
-from .base import LayerSpec, layer_op, register_adapter
+from .base import LayerSpec, conv_options, layer_op, native_conv_ops, register_adapter
 from .functional import _as, outside_autocast, rescaled_low_rank_linear
 from .lora import LoRA
 
@@ -177,6 +177,12 @@ class DoRA(LoRA):
 
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
         if not self.factored:
+            native = native_conv_ops(layer) if self.spec.kind == "conv2d" else None
+            if native is not None:  # the lines below as one C++ node
+                return native.rescaled_delta_conv2d(
+                    x, layer.weight, layer.bias, self.delta(), self.magnitude,
+                    *conv_options(layer),
+                )  # fmt: skip
             direction = self._direction(layer.weight)
             scale = self._scale(channel_norm(direction.detach()))
             return layer_op(layer, x, direction * _per_row(scale, layer.weight), layer.bias)

@@ -6,8 +6,8 @@ bookkeeping on top. The sources in ``native/`` issue the same ops as the Python 
 functions they stand in for (the tests hold each pair equal) from C++, one C++ autograd
 node per layer: the low-rank linear of LoRA, FoRA and row blocks, DoRA's rescaled linear
 and inverse norms, FLoRA's Tucker linear and conv factors, FourierFT's / FoRA's
-sparse-spectrum inverse FFT, FourierFT's ``W + ΔW`` linear and the ``W + ΔW`` conv of
-every method that builds a conv's ΔW. They are compiled once per machine and torch version by
+sparse-spectrum inverse FFT, FourierFT's ``W + ΔW`` linear, and the ``W + ΔW`` conv of
+every method that builds a conv's ΔW (DoRA's rescaled per channel). They are compiled once per machine and torch version by
 ``torch.utils.cpp_extension`` (about a minute; cached under ``TORCH_EXTENSIONS_DIR``).
 
 ``MM_SPECTRAL_NATIVE`` (or :func:`set_native_mode`) picks:

@@ -95,6 +95,11 @@ Tensor tucker_conv_factor(const Tensor& core, const Tensor& u_in, const Tensor& 
 Tensor delta_conv2d(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                     const Tensor& delta, std::vector<int64_t> stride, std::vector<int64_t> padding,
                     std::vector<int64_t> dilation, int64_t groups);
+Tensor rescaled_delta_conv2d(const Tensor& x, const Tensor& weight,
+                             const std::optional<Tensor>& bias, const Tensor& delta,
+                             const Tensor& magnitude, std::vector<int64_t> stride,
+                             std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                             int64_t groups);
 Tensor delta_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                     const Tensor& delta);
 

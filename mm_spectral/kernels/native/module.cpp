@@ -23,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_conv2d", &mm_spectral_native::delta_conv2d,
         "y = conv2d(x, W + ΔW, b) with the given stride, padding, dilation and groups as one "
         "C++ autograd node");
+  m.def("rescaled_delta_conv2d", &mm_spectral_native::rescaled_delta_conv2d,
+        "DoRA's conv that builds ΔW: conv2d(x, m ⊙ (W + ΔW) / ‖W + ΔW‖_c, b), the norm without "
+        "gradient, as one C++ autograd node");
   m.def("delta_linear", &mm_spectral_native::delta_linear,
         "y = x (W + ΔW)ᵀ + b as one GEMM in one C++ autograd node");
 }
