@@ -8,6 +8,45 @@
 namespace mm_spectral_native {
 namespace {
 
+// Ends a conv node's forward: y = conv2d(input, w, b) with the layer's options, which are kept
+// (with whether a bias came and ΔW's shape) for conv_backward; `saved` is saved for the backward.
+Tensor conv_forward(AutogradContext* ctx, const std::vector<Tensor>& saved, const Tensor& input,
+                    const Tensor& w, const std::optional<Tensor>& bias, const Tensor& delta,
+                    std::vector<int64_t> stride, std::vector<int64_t> padding,
+                    std::vector<int64_t> dilation, int64_t groups) {
+  const Tensor b = bias.has_value() ? as_dtype(*bias, w.scalar_type()) : Tensor();
+  const Tensor y = at::convolution(input, w, b, stride, padding, dilation, false, {0, 0}, groups);
+  ctx->save_for_backward(saved);
+  ctx->saved_data["has_bias"] = bias.has_value();
+  ctx->saved_data["stride"] = stride;
+  ctx->saved_data["padding"] = padding;
+  ctx->saved_data["dilation"] = dilation;
+  ctx->saved_data["groups"] = groups;
+  ctx->saved_data["delta_shape"] = delta.sizes();
+  return y;
+}
+
+// (∂x, ∂w, ∂b) of conv_forward's conv for output gradient g, each where asked (∂b also only
+// where a bias came); ∂w is the gradient of the weight the conv ran with.
+std::tuple<Tensor, Tensor, Tensor> conv_backward(AutogradContext* ctx, const Tensor& g,
+                                                 const Tensor& input, const Tensor& w,
+                                                 bool need_x, bool need_w, bool need_bias) {
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  const std::vector<int64_t> bias_sizes{w.size(0)};
+  auto [grad_x, grad_w, grad_bias] = at::convolution_backward(
+      as_dtype(g, w.scalar_type()), input, w,
+      has_bias ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt,
+      ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+      ctx->saved_data["dilation"].toIntVector(), false, {0, 0},
+      ctx->saved_data["groups"].toInt(), {need_x, need_w, has_bias && need_bias});
+  return {grad_x, grad_w, has_bias && need_bias ? grad_bias : Tensor()};
+}
+
+// ΔW's gradient in ΔW's own shape (the weight's, or its matrix view).
+Tensor as_delta_shape(AutogradContext* ctx, const Tensor& grad) {
+  return grad.reshape(ctx->saved_data["delta_shape"].toIntVector());
+}
+
 // y = conv2d(x, W + ΔW, b) with the layer's stride, padding, dilation and groups. W + ΔW is
 // summed in the higher of the two precisions and cast once to the compute dtype (autocast's
 // where it is on); the backward is one convolution_backward, whose weight gradient is ΔW's.
@@ -22,16 +61,7 @@ struct DeltaConv2d : public torch::autograd::Function<DeltaConv2d> {
     const Tensor w = as_dtype(
         at::add(as_dtype(weight, wide), as_dtype(delta.view(weight.sizes()), wide)), dtype);
     const Tensor input = as_dtype(x, dtype);
-    const Tensor b = bias.has_value() ? as_dtype(*bias, dtype) : Tensor();
-    const Tensor y = at::convolution(input, w, b, stride, padding, dilation, false, {0, 0}, groups);
-    ctx->save_for_backward({input, w});
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["padding"] = padding;
-    ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["delta_shape"] = delta.sizes();
-    return y;
+    return conv_forward(ctx, {input, w}, input, w, bias, delta, stride, padding, dilation, groups);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -39,24 +69,14 @@ struct DeltaConv2d : public torch::autograd::Function<DeltaConv2d> {
     const auto saved = ctx->get_saved_variables();
     const Tensor& input = saved[0];
     const Tensor& w = saved[1];
-    const Tensor g = as_dtype(grad_outputs[0], w.scalar_type());
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool need_w = ctx->needs_input_grad(1);
-    const bool need_bias = has_bias && ctx->needs_input_grad(2);
     const bool need_delta = ctx->needs_input_grad(edge_after_bias(ctx));  // x, W, [b], ΔW
-    const std::vector<int64_t> bias_sizes{w.size(0)};
-    auto [grad_x, grad_weight, grad_bias] = at::convolution_backward(
-        g, input, w, has_bias ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt,
-        ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-        ctx->saved_data["dilation"].toIntVector(), false, {0, 0},
-        ctx->saved_data["groups"].toInt(),
-        {ctx->needs_input_grad(0), need_w || need_delta, need_bias});
-    Tensor grad_delta;
-    if (need_delta) {
-      grad_delta = grad_weight.reshape(ctx->saved_data["delta_shape"].toIntVector());
-    }
-    return {grad_x, need_w ? grad_weight : Tensor(), need_bias ? grad_bias : Tensor(),
-            grad_delta, Tensor(), Tensor(), Tensor(), Tensor()};
+    auto [grad_x, grad_weight, grad_bias] =
+        conv_backward(ctx, grad_outputs[0], input, w, ctx->needs_input_grad(0),
+                      need_w || need_delta, ctx->needs_input_grad(2));
+    const Tensor grad_delta = need_delta ? as_delta_shape(ctx, grad_weight) : Tensor();
+    return {grad_x, need_w ? grad_weight : Tensor(), grad_bias, grad_delta,
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -84,16 +104,8 @@ struct RescaledDeltaConv2d : public torch::autograd::Function<RescaledDeltaConv2
     per_row[0] = -1;
     const Tensor w = as_dtype(direction * scale.view(per_row), dtype);
     const Tensor input = as_dtype(x, dtype);
-    const Tensor b = bias.has_value() ? as_dtype(*bias, dtype) : Tensor();
-    const Tensor y = at::convolution(input, w, b, stride, padding, dilation, false, {0, 0}, groups);
-    ctx->save_for_backward({input, w, direction, scale, norm});
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["padding"] = padding;
-    ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["delta_shape"] = delta.sizes();
-    return y;
+    return conv_forward(ctx, {input, w, direction, scale, norm}, input, w, bias, delta, stride,
+                        padding, dilation, groups);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -104,20 +116,13 @@ struct RescaledDeltaConv2d : public torch::autograd::Function<RescaledDeltaConv2
     const Tensor& direction = saved[2];
     const Tensor& scale = saved[3];
     const Tensor& norm = saved[4];
-    const Tensor g = as_dtype(grad_outputs[0], w.scalar_type());
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t after = edge_after_bias(ctx);  // x, W, [b], ΔW, m
     const bool need_w = ctx->needs_input_grad(1);
-    const bool need_bias = has_bias && ctx->needs_input_grad(2);
     const bool need_delta = ctx->needs_input_grad(after);
     const bool need_m = ctx->needs_input_grad(after + 1);
-    const std::vector<int64_t> bias_sizes{w.size(0)};
-    auto [grad_x, grad_rescaled, grad_bias] = at::convolution_backward(
-        g, input, w, has_bias ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt,
-        ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-        ctx->saved_data["dilation"].toIntVector(), false, {0, 0},
-        ctx->saved_data["groups"].toInt(),
-        {ctx->needs_input_grad(0), need_w || need_delta || need_m, need_bias});
+    auto [grad_x, grad_rescaled, grad_bias] =
+        conv_backward(ctx, grad_outputs[0], input, w, ctx->needs_input_grad(0),
+                      need_w || need_delta || need_m, ctx->needs_input_grad(2));
     Tensor grad_direction, grad_m;
     if (need_w || need_delta || need_m) {
       const Tensor gw = as_dtype(grad_rescaled, direction.scalar_type());
@@ -130,12 +135,9 @@ struct RescaledDeltaConv2d : public torch::autograd::Function<RescaledDeltaConv2
         grad_m = (gw * direction).reshape({direction.size(0), -1}).sum(1) / norm;
       }
     }
-    Tensor grad_delta;
-    if (need_delta) {
-      grad_delta = grad_direction.reshape(ctx->saved_data["delta_shape"].toIntVector());
-    }
-    return {grad_x, need_w ? grad_direction : Tensor(), need_bias ? grad_bias : Tensor(),
-            grad_delta, grad_m, Tensor(), Tensor(), Tensor(), Tensor()};
+    const Tensor grad_delta = need_delta ? as_delta_shape(ctx, grad_direction) : Tensor();
+    return {grad_x, need_w ? grad_direction : Tensor(), grad_bias, grad_delta, grad_m,
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
