@@ -238,3 +238,25 @@ def test_model_benchmark_sets_batched_spectra_per_variant():
     assert "batched_spectra" not in cfg.model.backbone  # AdaptedBackbone's default decides
     benchmark_model.set_batched_spectra(cfg, None, [])  # the flag alone
     assert cfg.model.backbone.batched_spectra is True
+
+
+def test_benchmarks_stop_when_the_native_nodes_did_not_build(monkeypatch):
+    """A failed C++ build must not pass for a timing of the nodes: the header check exits
+    with the compiler's error line; with the nodes off it reports 'off' and goes on."""
+    sys.path.insert(0, str(REPO))
+    from mm_spectral.kernels import native
+    from tools import benchmark
+
+    failed = RuntimeError("Error building extension\nx.cpp:67:53: error: call is ambiguous\nmore")
+    monkeypatch.setattr(native, "_build", lambda: failed)
+    previous = native.set_native_mode("auto")
+    try:
+        assert native.native_status() == (
+            "did not build: RuntimeError: x.cpp:67:53: error: call is ambiguous"
+        )
+        with pytest.raises(SystemExit, match="error: call is ambiguous"):
+            benchmark.require_native_nodes()
+        native.set_native_mode("off")
+        assert benchmark.require_native_nodes() == "off"
+    finally:
+        native.set_native_mode(previous)

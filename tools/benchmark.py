@@ -42,6 +42,7 @@ from mm_spectral.kernels import (  # noqa: E402
     OPTIONS,
     fused_low_rank_mode,
     native_mode,
+    native_status,
     set_native_mode,
 )
 from mm_spectral.kernels.dispatch import RANK_TERMS  # noqa: E402
@@ -271,6 +272,18 @@ def path_variants(
             label = ", ".join(tags)
             expanded[f"{name} [{label}]" if label else name] = dict(cfg, **options)
     return expanded
+
+
+def require_native_nodes() -> str:
+    """The C++ nodes' status for a benchmark's header. Exits where they are not off but did
+    not build: the rows would then time the Python functions under the nodes' labels."""
+    status = native_status()
+    if status.startswith("did not build"):
+        raise SystemExit(
+            f"mm_spectral: the C++ nodes {status}\nThe timings would be the Python "
+            "functions'. Fix the build, or set MM_SPECTRAL_NATIVE=off to time those."
+        )
+    return status
 
 
 def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
@@ -744,7 +757,7 @@ def main() -> None:
     print(
         f"device: {device_name}; torch {torch.__version__}; timm {timm.__version__}; "
         f"rank term: {OPTIONS.rank_term}; fused low-rank kernels: {fused_low_rank_mode()}; "
-        f"native low-rank linear: {native_mode()}; batched spectra: {batched}",
+        f"native nodes: {native_mode()}, {require_native_nodes()}; batched spectra: {batched}",
         flush=True,
     )
     results: list[Result] = []

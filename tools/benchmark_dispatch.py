@@ -36,7 +36,7 @@ from mm_spectral.kernels import (  # noqa: E402
     set_native_mode,
     triton_available,
 )
-from tools.benchmark import synchronize  # noqa: E402
+from tools.benchmark import require_native_nodes, synchronize  # noqa: E402
 
 
 def per_call_us(fn: Callable[[], object], device: str, calls: int, rounds: int = 3) -> float:
@@ -187,9 +187,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    native = f"{native_mode()}, {require_native_nodes()}"
     ops = op_table(args.device, args.calls, args.width)
     layers = layer_table(args.device, max(1, args.calls // 8), args.width, args.tokens)
-    print(f"native low-rank linear: {native_mode()}")
+    print(f"native nodes: {native}")
     print(f"\n### Host µs per op ({args.width}×{args.width} bf16) — {name}\n")
     print("| op | µs |\n|---|---|")
     for op, us in ops:

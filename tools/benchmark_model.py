@@ -38,6 +38,7 @@ from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 from tools.benchmark import (  # noqa: E402
     add_run_option_arguments,
     path_variants,
+    require_native_nodes,
     run_options,
     time_interleaved,
     with_run_options,
@@ -328,6 +329,7 @@ def main() -> None:
         (args.size, args.size)
     ]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"native nodes: {require_native_nodes()}", flush=True)
     presets = {"maskrcnn": VARIANTS, "vit-upernet": VIT_UPERNET, "internvit6b": INTERNVIT_6B}
     chosen = {
         name: path

@@ -16,7 +16,7 @@ from .dispatch import (
     triton_available,
     use_fused_low_rank,
 )
-from .native import native_mode, set_native_mode
+from .native import native_mode, native_status, set_native_mode
 
 __all__ = [
     "triton_available",
@@ -26,5 +26,6 @@ __all__ = [
     "set_fused_low_rank_mode",
     "use_fused_low_rank",
     "native_mode",
+    "native_status",
     "set_native_mode",
 ]

@@ -96,6 +96,25 @@ def native_ops() -> ModuleType | None:
     return built
 
 
+def native_status() -> str:
+    """'off', 'built', or 'did not build: <error>' (builds first where the mode allows)."""
+    if _NATIVE.value == "off":
+        return "off"
+    built = _build()
+    if isinstance(built, Exception):
+        return f"did not build: {type(built).__name__}: {_first_error_line(built)}"
+    return "built"
+
+
+def _first_error_line(error: Exception) -> str:
+    """The compiler's first 'error:' line where there is one, else the message's start."""
+    text = str(error)
+    for line in text.splitlines():
+        if "error:" in line:
+            return line.strip()[:300]
+    return text[:300]
+
+
 @functools.cache
 def _warn_once(error: Exception) -> None:
     warnings.warn(

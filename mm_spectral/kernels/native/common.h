@@ -5,6 +5,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <optional>
 #include <vector>
 

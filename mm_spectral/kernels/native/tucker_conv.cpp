@@ -62,11 +62,13 @@ struct TuckerConvFactor : public torch::autograd::Function<TuckerConvFactor> {
     }
     const Tensor grad_core = at::mm(g, kron).view(ctx->saved_data["core_shape"].toIntVector());
     const Tensor grad_kron = at::mm(g.t(), unfolded).view({i, h * w, r_in, r_h * r_w});
-    const Tensor grad_in = (grad_kron * spatial.view({1, h * w, 1, r_h * r_w})).sum({1, 3});
+    // Named arrays: a braced {0, 2} is ambiguous with DimnameList on torch 2.11's headers.
+    const std::array<int64_t, 2> outer_dims{1, 3}, inner_dims{0, 2};
+    const Tensor grad_in = (grad_kron * spatial.view({1, h * w, 1, r_h * r_w})).sum(outer_dims);
     const Tensor grad_spatial =
-        (grad_kron * u_in.view({i, 1, r_in, 1})).sum({0, 2}).view({h, w, r_h, r_w});
-    const Tensor grad_h = (grad_spatial * u_w.view({1, w, 1, r_w})).sum({1, 3});
-    const Tensor grad_w = (grad_spatial * u_h.view({h, 1, r_h, 1})).sum({0, 2});
+        (grad_kron * u_in.view({i, 1, r_in, 1})).sum(inner_dims).view({h, w, r_h, r_w});
+    const Tensor grad_h = (grad_spatial * u_w.view({1, w, 1, r_w})).sum(outer_dims);
+    const Tensor grad_w = (grad_spatial * u_h.view({h, 1, r_h, 1})).sum(inner_dims);
     return {grad_core, grad_in, grad_h, grad_w, grad_out_factor, Tensor()};
   }
 };
