@@ -341,7 +341,7 @@ from mm_spectral.adapters import batched_spectra  # noqa: E402
 def _same_shape_fourier_chain(layers: int) -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
-    mm_spectral.inject(model, dict(type="FourierFT", n=30, alpha=20.0, targets=[r"\d"]))
+    mm_spectral.inject(model, dict(type="FourierFT", n=30, alpha=20.0, targets=[r"\d+"]))
     for layer in model:
         randomize_adapter(layer.adapter)
     return model
@@ -371,13 +371,29 @@ def test_batched_builds_run_in_chunks_when_their_first_layer_runs(monkeypatch):
         got = torch.autograd.grad(model(x).square().sum(), params)
     finally:
         handle.remove()
-    # chunks [0, 1], [2, 3] and layer 4 alone: after layer 0 runs, layer 1 holds its ΔW
-    after = [[False, True, False, False, False], [False] * 5,
-             [False, False, False, True, False], [False] * 5, [False] * 5]  # fmt: skip
+    # layer 0 alone, chunks [1, 2] and [3, 4] (the smallest at the end): after layer 1
+    # runs, layer 2 holds its ΔW
+    after = [[False] * 5, [False, False, True, False, False], [False] * 5,
+             [False, False, False, False, True], [False] * 5]  # fmt: skip
     assert stashed == after
     assert calls == [2, 2]
     for g, w in zip(got, reference):
         torch.testing.assert_close(g, w)
+
+
+def test_chunks_shrink_toward_the_end_of_the_forward():
+    """A chunk lives from its first layer to its last: sizes double from the last layers
+    back (from an eighth of the byte cap, at least 2) up to the cap, so near the
+    activations' peak at the end of the forward only small chunks are alive; every layer in
+    exactly one chunk, in order."""
+    layers = [m.adapter for m in _same_shape_fourier_chain(24)]
+    per_layer = 4 * 16 * 16
+    cases = ((16, [10, 8, 4, 2]), (64, [16, 8]), (3, [1, *[3] * 7, 2]), (1, [1] * 24))
+    for cap_layers, want in cases:
+        got = batched_spectra.chunks(layers, cap_layers * per_layer)
+        assert [len(c) for c in got] == want
+        assert [a for c in got for a in c] == layers
+    assert [len(c) for c in batched_spectra.chunks(layers[:7], 16 * per_layer)] == [5, 2]
 
 
 def test_a_chunk_is_freed_once_its_last_layer_has_run(monkeypatch):

@@ -187,7 +187,9 @@ class BaseAdapter(nn.Module):
 
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
         """Output of ``layer`` with weight ``W0 + ΔW`` (bias b + Δb): one op, ΔW built once."""
-        delta = self.delta().reshape(self.spec.weight_shape)
+        delta, shape = self.delta(), self.spec.weight_shape
+        if delta.shape != shape:  # a linear's ΔW has it already: no view node per step
+            delta = delta.reshape(shape)
         bias, delta_bias = layer.bias, self.delta_bias()
         if delta_bias is not None:
             bias = bias + delta_bias
@@ -256,8 +258,9 @@ class AdaptedLayerMixin:
         if self.merged:
             return super().forward(x)  # type: ignore[misc]
         # Straight to forward: nn.Module.__call__'s hook machinery costs more host time
-        # than a small adapter's arithmetic, and adapters carry no hooks.
-        return self.adapter.forward(x, self)
+        # than a small adapter's arithmetic, and adapters carry no hooks. (_modules: what
+        # self.adapter reads, without nn.Module.__getattr__'s lookups.)
+        return self._modules["adapter"].forward(x, self)  # type: ignore[attr-defined]
 
     def base_weight(self) -> Tensor:
         """W0, merged or not."""

@@ -266,12 +266,31 @@ def _layer_bytes(adapter: nn.Module) -> int:
 
 
 def chunks(members: Sequence[nn.Module], max_bytes: int) -> list[list[nn.Module]]:
-    """``members`` (one shape group, in module order) in consecutive chunks of equal
-    length whose builds each make at most ``max_bytes`` (one layer if it alone is more)."""
-    per_chunk = max(1, max_bytes // _layer_bytes(members[0]))
-    count = -(-len(members) // per_chunk)
-    size = -(-len(members) // count)
-    return [list(members[i : i + size]) for i in range(0, len(members), size)]
+    """``members`` (one shape group, in module order) in consecutive chunks whose builds
+    each make at most ``max_bytes`` (one layer if it alone is more), smallest at the end.
+
+    A chunk's storage lives from its first layer's forward to its last one's. Near the end
+    of the forward, where the saved activations peak, only small chunks may be alive, so
+    sizes double from the last layers back (from an eighth of the cap, at least 2 layers, up
+    to the cap): whatever a chunk holds is then less than what the layers after it add.
+    """
+    layer_bytes = _layer_bytes(members[0])
+    cap = max(1, max_bytes // layer_bytes)
+    sizes: list[int] = []
+    left, size = len(members), max(2, max_bytes // 8 // layer_bytes)
+    while left:
+        take = min(size, cap, left)
+        if sizes and 2 * take < sizes[-1] and sizes[-1] + take <= cap:
+            sizes[-1] += take  # a small remainder at the start joins its neighbour
+        else:
+            sizes.append(take)
+        left -= take
+        size *= 2
+    out, start = [], 0
+    for size in reversed(sizes):
+        out.append(list(members[start : start + size]))
+        start += size
+    return out
 
 
 def plan_batched_spectra(

@@ -136,7 +136,8 @@ class FLoRA(LowRankAdapter):
         """On a linear in an eager step, the core product runs inside the C++ node
         (:mod:`mm_spectral.kernels.native`); elsewhere as for every low-rank adapter."""
         if self.spec.kind == "linear":
-            u_out, u_in = self.factors
+            factors = self.factors  # two lookups, not ParameterList's iterator (per step)
+            u_out, u_in = factors[0], factors[1]
             native = eager_native(x, layer.weight, u_out)
             if native is not None:
                 in_weight = in_weight_form(x, layer.weight)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.dispatch import triton_available
+from ..kernels.dispatch import compute_dtype, triton_available
 from ..kernels.spectral_grad import sampled_spectrum_grad
-from .functional import _as, _compute_dtype, _rows
+from .functional import _as, _rows
 from .spectral import sparse_spectrum_to_real
 
 
@@ -36,7 +36,7 @@ class SpectralDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, coefs, positions, indices, scale):  # type: ignore[override]
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         x2 = _as(_rows(x), dtype)
         delta = sparse_spectrum_to_real(coefs, positions, tuple(weight.shape), scale)
         wide = torch.promote_types(weight.dtype, delta.dtype)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..kernels.dispatch import (
     OPTIONS,
+    compute_dtype,
     fused_low_rank_backward,
     fused_low_rank_forward,
     rank_term_in_weight,
@@ -29,13 +30,6 @@ from ..kernels.dispatch import (
 from ..kernels.native import native_ops
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -116,7 +110,7 @@ def _wide_sum(weight: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
 def _low_rank_forward(ctx, x, weight, bias, down, up, scale: float):  # type: ignore[no-untyped-def]
     """(x Wᵀ + b + scale · (x downᵀ) upᵀ as rows (tokens × out) in the compute dtype, the
     tensors :func:`_low_rank_backward` needs); its options go on ``ctx``."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     x2 = _as(_rows(x), dtype)
     d, u = _as(down, dtype), _as(up, dtype)
     b = None if bias is None else _as(bias, dtype)
@@ -243,7 +237,7 @@ class DeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta):  # type: ignore[override]
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         x2 = _as(_rows(x), dtype)
         # W + ΔW added in the higher of the two precisions, then cast once.
         wide = torch.promote_types(weight.dtype, delta.dtype)
@@ -277,7 +271,7 @@ def eager_native(x: Tensor, weight: Tensor, up: Tensor) -> Any:
     if torch.compiler.is_compiling():
         return None
     native = native_ops()
-    if native is None or use_fused_low_rank(x, weight, up, _compute_dtype(x)):
+    if native is None or use_fused_low_rank(x, weight, up):
         return None
     return native
 

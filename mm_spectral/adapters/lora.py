@@ -74,12 +74,14 @@ class LoRA(LowRankAdapter):
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(a_shape))
         self.lora_B = nn.Parameter(torch.zeros(b_shape))
+        # Asked every forward, fixed by the shapes: loralib's factors equal the matrix ones
+        # for linears and 1×1 kernels.
+        self._factored = spec.factorable and tuple(a_shape) == (rank, spec.matrix_shape[1])
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @property
     def factored(self) -> bool:
-        # loralib's factors equal the matrix ones for linears and 1×1 kernels.
-        return self.spec.factorable and self.lora_A.shape == (self.rank, self.spec.matrix_shape[1])
+        return self._factored
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         return self.lora_A, self.lora_B, self.scale

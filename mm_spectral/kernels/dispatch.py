@@ -124,23 +124,31 @@ def set_fused_low_rank_mode(mode: str) -> str:
     return _FUSED.set(mode)
 
 
-def use_fused_low_rank(
-    x2: Tensor, weight: Tensor, up: Tensor, dtype: torch.dtype | None = None
-) -> bool:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``x``'s op computes in: autocast's on x's device where it is on, else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def use_fused_low_rank(x2: Tensor, weight: Tensor, up: Tensor) -> bool:
     """Whether ``y = x2 Wᵀ + b + s (x2 downᵀ) upᵀ`` should run through the Triton kernels.
 
-    ``dtype``: the compute dtype, where ``x2`` is not cast to it yet (default: x2's).
-    ``x2``'s last dimension holds the in-features.
+    ``x2``'s last dimension holds the in-features; the compute dtype is autocast's where it
+    is on (x2 may not be cast to it yet), else x2's. Asked per adapted layer and step, so
+    the answer for eager default-stream work (no) comes first.
     """
     mode = _FUSED.value
     if mode == "off" or torch.compiler.is_compiling():  # the compiler makes its own kernels
         return False
     if mode == "force":
         return triton_available()
+    if not x2.is_cuda or (mode == "auto" and not off_default_stream(x2.device)):
+        return False
     out_features, in_features = weight.shape
     return (
-        x2.is_cuda
-        and (x2.dtype if dtype is None else dtype) in _HALF
+        compute_dtype(x2) in _HALF
         and up.shape[1] <= MAX_RANK
         # 16-byte aligned rows for vector loads; narrower layers gain nothing anyway.
         and out_features % 8 == 0
@@ -148,7 +156,6 @@ def use_fused_low_rank(
         and out_features >= 64
         and in_features >= 64
         and x2.numel() > 0
-        and (mode == "on" or off_default_stream(x2.device))
         and triton_available()
     )
 
