@@ -55,7 +55,11 @@ class _BatchedSparseSpectrumToReal(torch.autograd.Function):
         layers = len(coefficients)
         device = coefficients[0].device
         sizes = [c.numel() for c in coefficients]
-        values = torch.cat([c.float().reshape(-1) for c in coefficients])
+        # 1-D coefficients (FourierFT's, FoRA's) go in as they are: a reshape would add a
+        # view node per layer and step.
+        values = torch.cat(
+            [c.float() if c.dim() == 1 else c.float().reshape(-1) for c in coefficients]
+        )
         if len(set(scales)) == 1:
             per_entry: Tensor | float = scales[0]
         else:  # repeat_interleave with output_size: no device sync
@@ -66,7 +70,7 @@ class _BatchedSparseSpectrumToReal(torch.autograd.Function):
             )
         # Each coefficient gives half of itself (times its layer's scale) to its own slot
         # and half to its mirror's, as in the single-layer build.
-        values = values * per_entry * 0.5
+        values = values * (per_entry * 0.5)
         flat = torch.zeros(layers * _layer_slots(rows, cols), device=device)
         flat.index_add_(0, own, values)
         flat.index_add_(0, mirror, values)
@@ -82,7 +86,11 @@ class _BatchedSparseSpectrumToReal(torch.autograd.Function):
         (gather,) = ctx.saved_tensors
         rows, cols = ctx.shape
         spectrum = torch.view_as_real(torch.fft.rfft2(grad_out.float()))
-        grads = torch.take(spectrum, gather).mul_(ctx.per_entry).div_(rows * cols)
+        per_entry = ctx.per_entry
+        if isinstance(per_entry, float):  # one scalar op
+            grads = torch.take(spectrum, gather).mul_(per_entry / (rows * cols))
+        else:
+            grads = torch.take(spectrum, gather).mul_(per_entry).div_(rows * cols)
         parts = grads.split(ctx.sizes)
         return (None, None, None, *(p.to(d) for p, d in zip(parts, ctx.dtypes)))
 
