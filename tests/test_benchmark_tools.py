@@ -260,3 +260,15 @@ def test_benchmarks_stop_when_the_native_nodes_did_not_build(monkeypatch):
         assert benchmark.require_native_nodes() == "off"
     finally:
         native.set_native_mode(previous)
+
+
+def test_interleaved_graphs_stop_before_they_outgrow_the_device():
+    """Every interleaved CUDA graph keeps its pool: the check refuses the next captures
+    where the variants left, at the largest pool so far, would not fit in the free memory."""
+    sys.path.insert(0, str(REPO))
+    from tools import benchmark
+
+    left = [("LoRA r16", {}), ("DoRA r16", {})]
+    benchmark.check_graph_room(30 * 2**30, [8.0, 13.5], left)  # 27 GiB needed: fits
+    with pytest.raises(SystemExit, match=r"\(LoRA r16, DoRA r16\) need about 27.0 GiB, 20.0 GiB"):
+        benchmark.check_graph_room(20 * 2**30, [8.0, 13.5], left)

@@ -588,7 +588,9 @@ def measure_interleaved(spec: Backbone, base: nn.Module, args) -> list[Result]:
     memory is each variant's own: its peak during warm-up above what was resident before."""
     runs, peaks = [], []
     labels = [("full FT", None), ("floor (frozen)", None), *args.adapters.items()]
-    for label, cfg in labels:
+    for index, (label, cfg) in enumerate(labels):
+        if index and args.mode == "cuda-graph" and args.device.startswith("cuda"):
+            check_graph_room(torch.cuda.mem_get_info()[0], peaks, labels[index:])
         base.requires_grad_(label == "full FT")  # the plain variants take the template's
         resident = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
         if args.device.startswith("cuda"):
@@ -607,6 +609,20 @@ def measure_interleaved(spec: Backbone, base: nn.Module, args) -> list[Result]:
     del runs
     release(args.device)
     return results
+
+
+def check_graph_room(free_bytes: int, peaks_gib: list[float], left: list) -> None:
+    """Interleaved CUDA graphs keep every variant's private memory pool: stop with a clear
+    message, before capturing, where the variants left would not fit in what is free
+    (past that, captures have ended in an illegal memory access rather than an OOM)."""
+    need = max(peaks_gib) * len(left) * 2**30
+    if free_bytes < need:
+        names = ", ".join(label for label, _ in left)
+        raise SystemExit(
+            f"--interleave --mode cuda-graph: {len(left)} more graph pools ({names}) need "
+            f"about {need / 2**30:.1f} GiB, {free_bytes / 2**30:.1f} GiB are free. Time fewer "
+            "variants at once (--variants), or without --interleave."
+        )
 
 
 def measure_peers(spec: Backbone, base: nn.Module, args) -> list[str]:
