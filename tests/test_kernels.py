@@ -396,6 +396,19 @@ def test_chunks_shrink_toward_the_end_of_the_forward():
     assert [len(c) for c in batched_spectra.chunks(layers[:7], 16 * per_layer)] == [5, 2]
 
 
+def test_spectral_groups_follow_module_order_and_skip_merged_and_shared_layers():
+    """The planning walk (run before every forward) finds each unmerged same-shape
+    spectral adapter once, in module order, also through nested containers."""
+    chain = _same_shape_fourier_chain(5)
+    model = nn.Sequential(nn.Sequential(chain[0], chain[1]), nn.ModuleList([chain[2], chain[3]]))
+    model.append(chain[4])
+    model.append(chain[1])  # shared: the same layer twice in the tree
+    chain[3].merge()
+    ((kind, members),) = batched_spectra._groups(model)
+    assert kind == "FourierFT"
+    assert members == [chain[i].adapter for i in (0, 1, 2, 4)]
+
+
 def test_a_chunk_is_freed_once_its_last_layer_has_run(monkeypatch):
     """No forward holds every layer's ΔW: a chunk's storage dies when its layers have run,
     before the forward ends (the peak), and its gradient still reaches every coefficient."""
