@@ -9,6 +9,7 @@ import torch
 
 from mm_spectral.adapters.functional import LowRankLinear, low_rank_linear
 from mm_spectral.kernels import OPTIONS, native, set_native_mode
+from mm_spectral.kernels.dispatch import FORMS
 
 from conftest import make_case
 
@@ -44,7 +45,7 @@ def step(method, mode, rank_term, monkeypatch, autocast=False, train_base=False,
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("rank_term", ["weight", "output"])
+@pytest.mark.parametrize("rank_term", ["weight", "output", "dense"])
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trainable-base"])
 def test_native_node_equals_the_python_function(
     method, rank_term, train_base, monkeypatch, native_module
@@ -59,7 +60,7 @@ def test_native_node_equals_the_python_function(
 
 
 @pytest.mark.parametrize("method", ["LoRA", "DoRA", "FLoRA", "FourierFT", "FoRA"])
-@pytest.mark.parametrize("rank_term", ["weight", "output"])
+@pytest.mark.parametrize("rank_term", ["weight", "output", "dense"])
 def test_native_node_under_bf16_autocast(method, rank_term, monkeypatch, native_module):
     """Autocast's dtype for the output, float32 factor gradients, and the same step as
     the Python function under autocast (FLoRA's scale rides on the rank term instead of
@@ -75,9 +76,9 @@ def test_native_node_under_bf16_autocast(method, rank_term, monkeypatch, native_
         torch.testing.assert_close(g, r, rtol=1e-6 if exact else 2e-2, atol=tolerance)
 
 
-@pytest.mark.parametrize("in_weight", [True, False], ids=["weight-form", "output-form"])
+@pytest.mark.parametrize("form", [0, 1, 2], ids=FORMS)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_native_node_passes_gradcheck(in_weight, with_bias, native_module):
+def test_native_node_passes_gradcheck(form, with_bias, native_module):
     """Float64 finite differences on every input, 3-D tokens (the view back and forth)."""
     torch.manual_seed(0)
     kw = dict(dtype=torch.float64, requires_grad=True)
@@ -86,16 +87,16 @@ def test_native_node_passes_gradcheck(in_weight, with_bias, native_module):
     bias = torch.randn(4, **kw) if with_bias else None
 
     def fn(x, weight, bias, down, up):
-        return native_module.low_rank_linear(x, weight, bias, down, up, 0.7, in_weight)
+        return native_module.low_rank_linear(x, weight, bias, down, up, 0.7, form)
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias, down, up))
     reference = x @ (weight + 0.7 * up @ down).T + (0 if bias is None else bias)
     torch.testing.assert_close(fn(x, weight, bias, down, up), reference)
 
 
-@pytest.mark.parametrize("in_weight", [True, False], ids=["weight-form", "output-form"])
+@pytest.mark.parametrize("form", [0, 1, 2], ids=FORMS)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_native_dora_node_passes_gradcheck(in_weight, with_bias, native_module):
+def test_native_dora_node_passes_gradcheck(form, with_bias, native_module):
     """DoRA's node: every input but the (detached) inverse norms, against finite
     differences and the formula c ⊙ (x (W + s·up·down)ᵀ) + b."""
     torch.manual_seed(0)
@@ -108,13 +109,49 @@ def test_native_dora_node_passes_gradcheck(in_weight, with_bias, native_module):
 
     def fn(x, weight, bias, down, up, magnitude):
         return native_module.rescaled_low_rank_linear(
-            x, weight, bias, down, up, 0.7, magnitude, inv_norm, in_weight
+            x, weight, bias, down, up, 0.7, magnitude, inv_norm, form
         )
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias, down, up, magnitude))
     direction = x @ (weight + 0.7 * up @ down).T
     reference = direction * (magnitude * inv_norm) + (0 if bias is None else bias)
     torch.testing.assert_close(fn(x, weight, bias, down, up, magnitude), reference)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_dense_dora_node_passes_gradcheck(with_bias, native_module):
+    """DoRA's dense node: finite differences on the inputs the norm does not see (x, b, m),
+    and every gradient against autograd through the formula with the norm detached,
+    m ⊙ x (W + s·up·down)ᵀ / ‖W + s·up·down‖ + b."""
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, **kw)
+    weight, down, up = torch.randn(4, 5, **kw), torch.randn(2, 5, **kw), torch.randn(4, 2, **kw)
+    magnitude = torch.rand(4, **kw)
+    bias = torch.randn(4, **kw) if with_bias else None
+
+    def fn(x, weight, bias, down, up, magnitude):
+        return native_module.rescaled_weight_linear(x, weight, bias, down, up, 0.7, magnitude)
+
+    def reference(x, weight, bias, down, up, magnitude):
+        direction = weight + 0.7 * up @ down
+        norm = direction.detach().norm(dim=1)
+        y = x @ (direction * (magnitude / norm)[:, None]).T
+        return y if bias is None else y + bias
+
+    frozen = [t.detach() for t in (weight, down, up)]
+    assert torch.autograd.gradcheck(
+        lambda x, bias, m: fn(x, frozen[0], bias, frozen[1], frozen[2], m), (x, bias, magnitude)
+    )
+    inputs = (x, weight, bias, down, up, magnitude)
+    got, ref = fn(*inputs), reference(*inputs)
+    torch.testing.assert_close(got, ref)
+    wanted = [t for t in inputs if t is not None]
+    for g, r in zip(
+        torch.autograd.grad(got.square().sum(), wanted),
+        torch.autograd.grad(ref.square().sum(), wanted),
+    ):
+        torch.testing.assert_close(g, r)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -136,9 +173,9 @@ def test_native_inverse_norms_equal_the_python_ones(dtype, known_base, native_mo
     torch.testing.assert_close(got.double(), 1 / formed.norm(dim=1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("in_weight", [True, False], ids=["weight-form", "output-form"])
+@pytest.mark.parametrize("form", [0, 1, 2], ids=FORMS)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_native_flora_node_passes_gradcheck(in_weight, with_bias, native_module):
+def test_native_flora_node_passes_gradcheck(form, with_bias, native_module):
     """FLoRA's node (down = core U_inᵀ formed inside): every input against finite
     differences, and the formula x (W + s · U_out core U_inᵀ)ᵀ + b."""
     torch.manual_seed(0)
@@ -149,9 +186,7 @@ def test_native_flora_node_passes_gradcheck(in_weight, with_bias, native_module)
     bias = torch.randn(4, **kw) if with_bias else None
 
     def fn(x, weight, bias, core, u_out, u_in):
-        return native_module.tucker_low_rank_linear(
-            x, weight, bias, core, u_out, u_in, 0.7, in_weight
-        )
+        return native_module.tucker_low_rank_linear(x, weight, bias, core, u_out, u_in, 0.7, form)
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias, core, u_out, u_in))
     reference = x @ (weight + 0.7 * u_out @ core @ u_in.T).T + (0 if bias is None else bias)
@@ -370,7 +405,7 @@ def test_native_mode_is_validated():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rank_term", ["weight", "output"])
+@pytest.mark.parametrize("rank_term", ["weight", "output", "dense"])
 def test_native_node_on_cuda_under_bf16_autocast(rank_term, monkeypatch, native_module):
     """On the GPU the float32 factor gradients come out of cuBLAS (mm with out_dtype) in
     both paths: the same step to bf16 tolerance, float32 gradients."""

@@ -580,9 +580,12 @@ def test_dora_inverse_norm_of_a_zero_row_is_finite():
 def test_dora_base_row_norms_are_computed_once_per_base_weight(monkeypatch):
     """‖W0ᵢ‖² of the frozen base is cached by storage and version: reused across steps,
     recomputed after every in-place write (a new base loaded, merge / unmerge), and the
-    outputs always equal those of a freshly computed norm."""
+    outputs always equal those of a freshly computed norm. (The factored forms use it; the
+    dense form takes the norms of the summed weight it forms anyway.)"""
     from mm_spectral.adapters import dora
+    from mm_spectral.kernels import OPTIONS
 
+    monkeypatch.setattr(OPTIONS, "rank_term", "output")
     calls = []
     row_squares = dora.row_squares
     monkeypatch.setattr(dora, "row_squares", lambda w: calls.append(1) or row_squares(w))

@@ -1,7 +1,8 @@
-"""Where the plain-torch low-rank linear adds its rank-r term (``OPTIONS.rank_term``): into
-the output (y = x Wᵀ + s·(x downᵀ) upᵀ) or into the weight (y = x (W + s·up·down)ᵀ). Both
-forms give the same outputs and gradients, in float32 and under bf16 autocast, for every
-method that runs through the low-rank linear; 'auto' picks by the layer's sizes."""
+"""How the plain-torch low-rank linear takes its rank-r term (``OPTIONS.rank_term``): into
+the output (y = x Wᵀ + s·(x downᵀ) upᵀ), into the weight (y = x (W + s·up·down)ᵀ), or into
+the weight with the factors' gradients from one dense dW ("dense"). All forms give the same
+outputs and gradients, in float32 and under bf16 autocast, for every method that runs
+through the low-rank linear; 'auto' picks by the layer's sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from mm_spectral.kernels import OPTIONS
-from mm_spectral.kernels.dispatch import rank_term_in_weight
+from mm_spectral.kernels.dispatch import rank_term_form
 
 from conftest import make_case
 
@@ -30,9 +31,10 @@ def outputs_and_grads(method, rank_term, monkeypatch, autocast=False, train_base
 
 
 @pytest.mark.parametrize("method", LINEAR_METHODS)
+@pytest.mark.parametrize("form", ["weight", "dense"])
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trainable-base"])
-def test_rank_term_in_the_weight_equals_it_in_the_output(method, train_base, monkeypatch):
-    got, got_grads = outputs_and_grads(method, "weight", monkeypatch, train_base=train_base)
+def test_rank_term_in_the_weight_equals_it_in_the_output(method, form, train_base, monkeypatch):
+    got, got_grads = outputs_and_grads(method, form, monkeypatch, train_base=train_base)
     ref, ref_grads = outputs_and_grads(method, "output", monkeypatch, train_base=train_base)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert len(got_grads) == len(ref_grads) >= 3 + 2 * train_base  # x, factors (W0, b)
@@ -41,10 +43,11 @@ def test_rank_term_in_the_weight_equals_it_in_the_output(method, train_base, mon
 
 
 @pytest.mark.parametrize("method", ["LoRA", "FLoRA", "DoRA"])
-def test_rank_term_in_the_weight_under_bf16_autocast(method, monkeypatch):
+@pytest.mark.parametrize("form", ["weight", "dense"])
+def test_rank_term_in_the_weight_under_bf16_autocast(method, form, monkeypatch):
     """Half-precision output, float32 parameter gradients, within bf16 tolerance of the
     float32 step; the merged weight is summed in float32 (not autocast's bf16 addmm)."""
-    out, grads = outputs_and_grads(method, "weight", monkeypatch, autocast=True)
+    out, grads = outputs_and_grads(method, form, monkeypatch, autocast=True)
     _, reference = outputs_and_grads(method, "output", monkeypatch)
     assert out.dtype == torch.bfloat16
     for g, r in zip(grads, reference):
@@ -58,7 +61,7 @@ def test_rank_term_in_a_bf16_stored_weight_under_autocast(monkeypatch):
     import mm_spectral
 
     results = {}
-    for term in ("weight", "output"):
+    for term in ("weight", "dense", "output"):
         model, x = make_case("LoRA", "linear")
         mm_spectral.cast_frozen(model, torch.bfloat16)
         assert model.layer.weight.dtype == torch.bfloat16
@@ -68,28 +71,33 @@ def test_rank_term_in_a_bf16_stored_weight_under_autocast(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
         results[term] = (out, torch.autograd.grad(out.float().square().sum(), params))
-    (out, grads), (ref, ref_grads) = results["weight"], results["output"]
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-2 * r.abs().max().item())
+    ref, ref_grads = results["output"]
+    for term in ("weight", "dense"):
+        out, grads = results[term]
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-2 * r.abs().max().item())
 
 
-def test_auto_rank_term_follows_tokens_against_weight_size(monkeypatch):
+def test_auto_rank_term_follows_rank_and_tokens_against_weight_size(monkeypatch):
     monkeypatch.setattr(OPTIONS, "rank_term", "auto")
-    # Measured faster in the output form: every ViT-L linear at 4 × 512² (4100 tokens).
+    # Measured faster dense at rank 16: every ViT-L linear at 4 × 512² (4100 tokens) and
+    # ConvNeXt-V2-L's at 2 × 1024²; a few tokens too (few ops matter most there).
+    for tokens, out_features, in_features in (
+        (4100, 4096, 1024), (4100, 1024, 4096), (4100, 3072, 1024), (4100, 1024, 1024),
+        (131072, 768, 192), (8192, 3072, 768), (2048, 6144, 1536), (64, 4096, 1024),
+    ):  # fmt: skip
+        assert rank_term_form(tokens, out_features, in_features, 16) == "dense"
+    # Rank 64 (FoRA): the output form on ViT-L's linears, dense on ConvNeXt's many tokens.
     for out_features, in_features in ((4096, 1024), (1024, 4096), (3072, 1024), (1024, 1024)):
-        assert not rank_term_in_weight(4100, out_features, in_features)
-    # Measured faster in the weight form: ConvNeXt-V2-L at 2 × 1024² (stages 0–2).
-    assert rank_term_in_weight(131072, 768, 192)  # stage 0 fc1
-    assert rank_term_in_weight(8192, 3072, 768)  # stage 2 fc1
-    assert rank_term_in_weight(8192, 768, 3072)  # stage 2 fc2
-    assert not rank_term_in_weight(2048, 6144, 1536)  # stage 3: few tokens
-    assert not rank_term_in_weight(64, 4096, 1024)  # a few tokens: the output form
-    monkeypatch.setattr(OPTIONS, "rank_term", "output")
-    assert not rank_term_in_weight(4100, 4096, 1024)
-    monkeypatch.setattr(OPTIONS, "rank_term", "weight")
-    assert rank_term_in_weight(1, 4096, 1024)
+        assert rank_term_form(4100, out_features, in_features, 64) == "output"
+    assert rank_term_form(131072, 768, 192, 64) == "dense"  # stage 0 fc1
+    assert rank_term_form(8192, 768, 3072, 64) == "dense"  # stage 2 fc2
+    assert rank_term_form(2048, 6144, 1536, 64) == "output"  # stage 3: few tokens
+    for term in ("output", "weight", "dense"):  # a set form holds for every size and rank
+        monkeypatch.setattr(OPTIONS, "rank_term", term)
+        assert rank_term_form(4100, 4096, 1024, 64) == rank_term_form(1, 8, 8, 2) == term
     monkeypatch.setattr(OPTIONS, "rank_term", "bogus")
     with pytest.raises(ValueError, match="rank_term must be one of"):
-        rank_term_in_weight(1, 2, 3)
+        rank_term_form(1, 2, 3, 1)

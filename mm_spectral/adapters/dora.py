@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from ..kernels.dispatch import off_default_stream
 from ..kernels.native import native_ops
 from .base import LayerSpec, conv_options, layer_op, native_conv_ops, register_adapter
-from .functional import _as, outside_autocast, rescaled_low_rank_linear
+from .functional import (
+    _as,
+    outside_autocast,
+    rescale_in_weight,
+    rescaled_low_rank_linear,
+    rescaled_weight_linear,
+)
 from .lora import LoRA
 
 
@@ -108,7 +114,9 @@ class DoRA(LoRA):
     Forward on linears and ungrouped convs (``conv_factors='matrix'``) runs factored,
     y = (m / ‖W0 + ΔW‖_c) ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ) + b, with the norm computed without
     gradient as in the DoRA paper §4.3: the output value is exact, only the gradient
-    through the norm is dropped (the paper's memory saving). Grouped/depthwise convs and
+    through the norm is dropped (the paper's memory saving). Linears in the dense rank-term
+    form (``OPTIONS.rank_term``, the default at rank ≤ 32) put the rescale into the weight
+    instead, y = x (m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖_c)ᵀ + b, the same norm without gradient. Grouped/depthwise convs and
     loralib conv factors build W' (same detached norm). On the factored path the norm
     never builds ΔW: with ΔW = s·B A, ‖W0ᵢ + ΔWᵢ‖² = ‖W0ᵢ‖² + 2s·Bᵢ·(A W0ᵢᵀ) + s²·Bᵢ (A Aᵀ) Bᵢᵀ,
     one thin product with W0 and an r × r Gram matrix (see :func:`low_rank_row_norms`).
@@ -187,6 +195,11 @@ class DoRA(LoRA):
             scale = self._scale(channel_norm(direction.detach()))
             return layer_op(layer, x, direction * _per_row(scale, layer.weight), layer.bias)
         down, up, s = self.low_rank_factors()
+        if self.spec.kind == "linear" and rescale_in_weight(x, layer.weight, up):
+            # The rescale in the weight: its norms from the summed weight itself.
+            return rescaled_weight_linear(
+                x, layer.weight, layer.bias, down, up, s, self.magnitude
+            )  # fmt: skip
         base_squares = self._base_squares(layer.weight)
         if self.spec.kind == "linear":  # one autograd node (adapters.functional)
             inv_norms = low_rank_inverse_norms(layer.weight, down, up, s, base_squares)

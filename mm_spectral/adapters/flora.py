@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..kernels.native import native_ops
 from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
-from .functional import eager_native, in_weight_form, outside_autocast, scaled_mm
+from .functional import eager_native, form_code, outside_autocast, scaled_mm
 
 
 class _ConvTuckerDown(torch.autograd.Function):
@@ -140,9 +140,9 @@ class FLoRA(LowRankAdapter):
             u_out, u_in = factors[0], factors[1]
             native = eager_native(x, layer.weight, u_out)
             if native is not None:
-                in_weight = in_weight_form(x, layer.weight)
+                form = form_code(x, layer.weight, u_out)
                 return native.tucker_low_rank_linear(
-                    x, layer.weight, bias, self.core, u_out, u_in, self.scale, in_weight
+                    x, layer.weight, bias, self.core, u_out, u_in, self.scale, form
                 )
         return super().factored_forward(x, layer, bias)
 

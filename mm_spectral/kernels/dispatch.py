@@ -63,10 +63,11 @@ class FusedOptions:
     fuse_down: (strategy "triton") the forward accumulates h = x downᵀ inside its GEMM
         (R/BLOCK_N more tensor-core work) instead of one thin cuBLAS GEMM reading x again.
     fourier_grad: how FourierFT's coefficient gradient is computed on linear layers.
-    rank_term: where the plain-torch path (not the fused kernels) adds a low-rank linear's
-        rank-r term: "auto" — into the weight when the layer has many more tokens than its
-        weight has entries (:func:`rank_term_in_weight`), else into the output; "weight" or
-        "output" — always there (environment: ``MM_SPECTRAL_RANK_TERM``).
+    rank_term: how the plain-torch path (not the fused kernels) takes a low-rank linear's
+        rank-r term: "output" — y = x Wᵀ + s·(x downᵀ) upᵀ; "weight" — y = x (W + s·up·down)ᵀ,
+        the factors' gradients from thin products with x and g; "dense" — the weight form,
+        the factors' gradients from one dense dW = gᵀx (:func:`rank_term_form`); "auto" —
+        by the layer's sizes (environment: ``MM_SPECTRAL_RANK_TERM``).
     Options are read when an op is issued (so a CUDA graph keeps those of its capture).
     """
 
@@ -79,36 +80,56 @@ class FusedOptions:
 
 
 OPTIONS = FusedOptions()
-RANK_TERMS = ("auto", "weight", "output")
+RANK_TERMS = ("auto", "weight", "output", "dense")
+FORMS = ("output", "weight", "dense")  # index = the code the C++ nodes take
 if OPTIONS.rank_term not in RANK_TERMS:
     raise ValueError(
         f"MM_SPECTRAL_RANK_TERM must be one of {RANK_TERMS}, got {OPTIONS.rank_term!r}"
     )
 
 
-# Weight form where tokens · (in + out) exceeds this multiple of in · out (see below).
+# "auto": the dense form where tokens · (in + out) exceeds this multiple of in · out, or
+# the rank is at most DENSE_MAX_RANK; else the output form (see rank_term_form).
 WEIGHT_FORM_RATIO = 10
+DENSE_MAX_RANK = 32
 
 
-def rank_term_in_weight(tokens: int, out_features: int, in_features: int) -> bool:
-    """Whether to step y = x (W + s·up·down)ᵀ rather than y = x Wᵀ + s·(x downᵀ) upᵀ.
+def rank_term_form(tokens: int, out_features: int, in_features: int, rank: int) -> str:
+    """How a low-rank linear steps: "output", "weight" or "dense" (``OPTIONS.rank_term``).
 
-    Output form, beyond the frozen layer: the rank term re-reads and rewrites y, and the
-    input gradient is re-read and rewritten too, about 2·tokens·(in + out) elements; the
-    weight form instead sums W + s·up·down in float32 and casts it, a few passes over
-    in·out elements. By bytes alone the weight form wins from tokens·(in + out) > 2·in·out,
-    but measured on an H100 (whole steps, interleaved, the C++ node) it lost on every ViT-L
-    linear at 4 × 512² (ratio tokens·(in + out) / (in·out) of 4–8: LoRA 69.8 against 63.0
-    ms) and won on Mask R-CNN with ConvNeXt-V2-L at 2 × 1024², where most adapted linears
-    have ratios of 13 and more (LoRA 221.4 against 228.8 ms). The threshold sits between
-    the two: ``WEIGHT_FORM_RATIO``."""
-    if OPTIONS.rank_term != "auto":
-        if OPTIONS.rank_term not in RANK_TERMS:
-            raise ValueError(
-                f"OPTIONS.rank_term must be one of {RANK_TERMS}, got {OPTIONS.rank_term!r}"
-            )
-        return OPTIONS.rank_term == "weight"
-    return tokens * (in_features + out_features) > WEIGHT_FORM_RATIO * in_features * out_features
+    - output: y = x Wᵀ + s·(x downᵀ) upᵀ. Beyond the frozen layer, the rank term re-reads
+      and rewrites y, and the input gradient is re-read and rewritten too.
+    - weight: y = x (W + s·up·down)ᵀ, summed in float32 and cast, a few passes over
+      in·out elements; the factors' gradients still come from thin GEMMs over the tokens
+      ((g up)ᵀ x and gᵀ (x downᵀ)).
+    - dense: the weight form whose factors' gradients come from one dense dW = gᵀx (float32
+      out of cuBLAS) and two r-wide float32 products with it, as full fine-tuning's dW GEMM
+      plus two small ones: four ops beyond the frozen layer's instead of about ten, for
+      the host-bound eager step, and no pass over the tokens for DoRA's rescale.
+
+    "auto" picks dense, but the output form where the layer has few tokens for its size
+    (tokens · (in + out) ≤ ``WEIGHT_FORM_RATIO`` · in · out) and the rank is above
+    ``DENSE_MAX_RANK`` (its float32 products then cost more than the ops they save).
+    Measured on an H100, eager, interleaved, ms per step (auto before → dense):
+    ViT-L 4 × 512² (ratios 4–8) LoRA r16 62.7 → 60.5, DoRA 100.5 → 76.3, FLoRA 77.6 → 68.6,
+    but FoRA r64 70.1 → 73.2; ConvNeXt-V2-L 2 × 1024² (ratios mostly 13 and more, then in
+    the weight form) LoRA 120.4 → 120.3, DoRA 154.2 → 134.3, FLoRA 145.6 → 133.5, FoRA r64
+    143.1 → 138.5."""
+    term = OPTIONS.rank_term
+    if term != "auto":
+        if term not in FORMS:
+            raise ValueError(f"OPTIONS.rank_term must be one of {RANK_TERMS}, got {term!r}")
+        return term
+    if rank <= DENSE_MAX_RANK:
+        return "dense"
+    if tokens * (in_features + out_features) > WEIGHT_FORM_RATIO * in_features * out_features:
+        return "dense"
+    return "output"
+
+
+def rank_term_code(tokens: int, out_features: int, in_features: int, rank: int) -> int:
+    """:func:`rank_term_form` as the C++ nodes' code (its index in ``FORMS``)."""
+    return FORMS.index(rank_term_form(tokens, out_features, in_features, rank))
 
 
 _FUSED = ModeSwitch("MM_SPECTRAL_FUSED_LOW_RANK", MODES, "fused low-rank mode")

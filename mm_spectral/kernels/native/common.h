@@ -78,15 +78,18 @@ inline Tensor bias_grad(AutogradContext* ctx, const Tensor& g) {
 
 // Entry points (see module.cpp for what each computes).
 Tensor low_rank_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                       const Tensor& down, const Tensor& up, double scale, bool in_weight);
+                       const Tensor& down, const Tensor& up, double scale, int64_t form);
 Tensor rescaled_low_rank_linear(const Tensor& x, const Tensor& weight,
                                 const std::optional<Tensor>& bias, const Tensor& down,
                                 const Tensor& up, double scale, const Tensor& magnitude,
-                                const Tensor& inv_norm, bool in_weight);
+                                const Tensor& inv_norm, int64_t form);
+Tensor rescaled_weight_linear(const Tensor& x, const Tensor& weight,
+                              const std::optional<Tensor>& bias, const Tensor& down,
+                              const Tensor& up, double scale, const Tensor& magnitude);
 Tensor tucker_low_rank_linear(const Tensor& x, const Tensor& weight,
                               const std::optional<Tensor>& bias, const Tensor& core,
                               const Tensor& u_out, const Tensor& u_in, double scale,
-                              bool in_weight);
+                              int64_t form);
 Tensor low_rank_inverse_norms(const Tensor& weight, const Tensor& down, const Tensor& up,
                               double scale, const std::optional<Tensor>& base_squares);
 Tensor sparse_spectrum_to_real(const Tensor& coefficients, const Tensor& positions,

@@ -43,37 +43,68 @@ Tensor factor_grad(const Tensor& a, const Tensor& b, double scale, at::ScalarTyp
   return scale == 1.0 ? grad : grad.mul_(scale);
 }
 
+// How the rank term is stepped: mm_spectral.kernels.dispatch.FORMS, by index.
+enum Form : int64_t { kOutput = 0, kWeight = 1, kDense = 2 };
+
+Form as_form(int64_t code) {
+  TORCH_CHECK(code >= kOutput && code <= kDense, "rank-term form code must be 0, 1 or 2, got ",
+              code);
+  return static_cast<Form>(code);
+}
+
+// scale · a b with the scale in the GEMM's alpha (beta 0 ignores the empty input).
+Tensor scaled_product(const Tensor& a, const Tensor& b, double scale) {
+  if (scale == 1.0) {
+    return at::mm(a, b);
+  }
+  return at::addmm(at::empty({}, a.options()), a, b, 0.0, scale);
+}
+
+// W + s · up down in the compute dtype (functional.py's _summed_weight): one GEMM epilogue
+// for a weight stored in it, else summed in the wider dtype and cast once.
+Tensor summed_weight(const Tensor& weight, const Tensor& down, const Tensor& up, double scale,
+                     at::ScalarType dtype) {
+  if (weight.scalar_type() == dtype) {
+    return at::addmm(weight, as_dtype(up, dtype), as_dtype(down, dtype), 1.0, scale);
+  }
+  const auto wide = c10::promoteTypes(weight.scalar_type(), down.scalar_type());
+  return as_dtype(
+      at::addmm(as_dtype(weight, wide), as_dtype(up, wide), as_dtype(down, wide), 1.0, scale),
+      dtype);
+}
+
+// dW = gᵀ x2, at least as wide as the factors' dtype (functional.py's _dense_weight_grad).
+Tensor dense_weight_grad(const Tensor& g, const Tensor& x2, at::ScalarType factor_dtype) {
+  const Tensor full = factor_grad(g.t(), x2, 1.0, factor_dtype);
+  return as_dtype(full, c10::promoteTypes(full.scalar_type(), factor_dtype));
+}
+
 // The low-rank linear's forward as rows (tokens × out) in the compute dtype `dtype`. Its
 // options go on ctx; the tensors the backward needs (x2, w, d, u, hidden) are returned for
 // the caller to save with its own.
 std::pair<Tensor, std::vector<Tensor>> low_rank_rows(AutogradContext* ctx, const Tensor& x,
                                                      const Tensor& weight, const Tensor& bias,
                                                      const Tensor& down, const Tensor& up,
-                                                     double scale, bool in_weight,
+                                                     double scale, Form form,
                                                      at::ScalarType dtype) {
   const Tensor x2 = input_rows(x, weight.size(1), dtype);
-  const Tensor d = as_dtype(down, dtype);
-  const Tensor u = as_dtype(up, dtype);
+  // The dense form's products with dW run in the factors' own dtype.
+  const Tensor d = form == kDense ? down : as_dtype(down, dtype);
+  const Tensor u = form == kDense ? up : as_dtype(up, dtype);
   const Tensor b = bias.defined() ? as_dtype(bias, dtype) : Tensor();
   Tensor w, hidden, y;
-  if (in_weight) {  // y = x (W + s·up·down)ᵀ + b
-    if (weight.scalar_type() == dtype) {
-      w = at::addmm(weight, u, d, 1.0, scale);
-    } else {  // summed in the wider dtype, cast once
-      const auto wide = c10::promoteTypes(weight.scalar_type(), down.scalar_type());
-      w = as_dtype(
-          at::addmm(as_dtype(weight, wide), as_dtype(up, wide), as_dtype(down, wide), 1.0, scale),
-          dtype);
-    }
-    y = at::linear(x2, w, b);
-  } else {  // y = x Wᵀ + b + s (x downᵀ) upᵀ
+  if (form == kOutput) {  // y = x Wᵀ + b + s (x downᵀ) upᵀ
     w = as_dtype(weight, dtype);
     hidden = at::linear(x2, d);
     y = at::linear(x2, w, b);
     y.addmm_(hidden, u.t(), 1.0, scale);
+  } else {  // y = x (W + s·up·down)ᵀ + b; the weight form's cast factors serve a narrow sum
+    const bool narrow = weight.scalar_type() == dtype;
+    w = summed_weight(weight, narrow ? d : down, narrow ? u : up, scale, dtype);
+    y = at::linear(x2, w, b);
   }
   ctx->saved_data["scale"] = scale;
-  ctx->saved_data["in_weight"] = in_weight;
+  ctx->saved_data["form"] = static_cast<int64_t>(form);
   ctx->saved_data["x_shape"] = x.sizes();
   ctx->saved_data["down_dtype"] = down.scalar_type();
   ctx->saved_data["up_dtype"] = up.scalar_type();
@@ -96,8 +127,25 @@ std::array<Tensor, 4> low_rank_grads(AutogradContext* ctx, const Tensor& g,
   const double scale = ctx->saved_data["scale"].toDouble();
   const auto down_dtype = ctx->saved_data["down_dtype"].toScalarType();
   const auto up_dtype = ctx->saved_data["up_dtype"].toScalarType();
+  const auto form = static_cast<Form>(ctx->saved_data["form"].toInt());
   Tensor grad_x, grad_w, grad_d, grad_u;
-  if (ctx->saved_data["in_weight"].toBool()) {  // w is W + s·up·down: dx in one GEMM
+  if (form == kDense) {  // dx in one GEMM; the factors' gradients from dW = gᵀx
+    if (need.x) {
+      grad_x = at::mm(g, w);
+    }
+    if (need.d || need.u || need.w) {
+      const Tensor full = dense_weight_grad(g, x2, down_dtype);
+      if (need.d) {
+        grad_d = scaled_product(as_dtype(u, full.scalar_type()).t(), full, scale);
+      }
+      if (need.u) {
+        grad_u = scaled_product(full, as_dtype(d, full.scalar_type()).t(), scale);
+      }
+      if (need.w) {
+        grad_w = full;
+      }
+    }
+  } else if (form == kWeight) {  // w is W + s·up·down: dx in one GEMM
     if (need.x) {
       grad_x = at::mm(g, w);
     }
@@ -122,7 +170,7 @@ std::array<Tensor, 4> low_rank_grads(AutogradContext* ctx, const Tensor& g,
       grad_u = factor_grad(g.t(), hidden, scale, up_dtype);
     }
   }
-  if (need.w) {
+  if (need.w && !grad_w.defined()) {
     grad_w = at::mm(g.t(), x2);
   }
   if (need.x) {
@@ -138,13 +186,13 @@ std::array<Tensor, 4> low_rank_grads(AutogradContext* ctx, const Tensor& g,
 struct LowRankLinear : public torch::autograd::Function<LowRankLinear> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const std::optional<Tensor>& bias, const Tensor& down, const Tensor& up,
-                        double scale, bool in_weight) {
+                        double scale, int64_t form) {
     const auto dtype = compute_dtype(x);
     // Operands are cast here, once, as autocast would cast linear's; the float32 sum of
     // the weight form must not be cast by it.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const Tensor b = bias.has_value() ? *bias : Tensor();
-    auto [y, saved] = low_rank_rows(ctx, x, weight, b, down, up, scale, in_weight, dtype);
+    auto [y, saved] = low_rank_rows(ctx, x, weight, b, down, up, scale, as_form(form), dtype);
     return finish_forward(ctx, saved, b.defined(), y, x);
   }
 
@@ -167,10 +215,11 @@ struct RescaledLowRankLinear : public torch::autograd::Function<RescaledLowRankL
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const std::optional<Tensor>& bias, const Tensor& down, const Tensor& up,
                         const Tensor& magnitude, const Tensor& inv_norm, double scale,
-                        bool in_weight) {
+                        int64_t form) {
     const auto dtype = compute_dtype(x);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    auto [z, saved] = low_rank_rows(ctx, x, weight, Tensor(), down, up, scale, in_weight, dtype);
+    auto [z, saved] =
+        low_rank_rows(ctx, x, weight, Tensor(), down, up, scale, as_form(form), dtype);
     const Tensor channel = as_dtype(at::mul(magnitude, inv_norm), z.scalar_type());
     const Tensor y = bias.has_value()
                          ? at::addcmul(as_dtype(*bias, z.scalar_type()), z, channel)
@@ -199,6 +248,88 @@ struct RescaledLowRankLinear : public torch::autograd::Function<RescaledLowRankL
   }
 };
 
+// DoRA's linear with the rescale in the weight (functional.py's RescaledWeightLinear):
+// y = x W'ᵀ + b, W' = c ⊙ (W0 + s·up·down) per output row, c = m / ‖W0 + s·up·down‖, the
+// norm without gradient; the backward takes one dW'' = gᵀx and no pass over the tokens.
+struct RescaledWeightLinear : public torch::autograd::Function<RescaledWeightLinear> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const std::optional<Tensor>& bias, const Tensor& down, const Tensor& up,
+                        const Tensor& magnitude, double scale) {
+    const auto dtype = compute_dtype(x);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const Tensor x2 = input_rows(x, weight.size(1), dtype);
+    const auto [direction, norm, channel] = rescaled_direction(weight, down, up, magnitude, scale);
+    Tensor w = at::empty(direction.sizes(), direction.options().dtype(dtype));
+    at::mul_out(w, direction, channel.unsqueeze(1));  // scaled and cast in one pass
+    const Tensor b = bias.has_value() ? as_dtype(*bias, dtype) : Tensor();
+    const Tensor y = at::linear(x2, w, b);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["x_shape"] = x.sizes();
+    return finish_forward(ctx, {x2, w, weight, down, up, norm, channel}, bias.has_value(), y, x);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x2 = saved[0];
+    const Tensor& w = saved[1];
+    const Tensor& norm = saved[5];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const Tensor g = gradient_rows(grad_outputs[0], w.size(0), w.scalar_type());
+    const size_t factors = edge_after_bias(ctx);  // edges: x, W, [b], down, up, magnitude
+    const bool need_w = ctx->needs_input_grad(1);
+    const bool need_d = ctx->needs_input_grad(factors);
+    const bool need_u = ctx->needs_input_grad(factors + 1);
+    const bool need_m = ctx->needs_input_grad(factors + 2);
+    Tensor grad_x, grad_w, grad_d, grad_u, grad_m;
+    if (ctx->needs_input_grad(0)) {
+      grad_x = at::mm(g, w);
+      const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
+      if (x_shape.size() != 2) {
+        grad_x = grad_x.view(x_shape);
+      }
+    }
+    if (need_w || need_d || need_u || need_m) {
+      Tensor full = dense_weight_grad(g, x2, norm.scalar_type());  // dW'' = gᵀx
+      const Tensor d = as_dtype(saved[3], full.scalar_type());
+      const Tensor u = as_dtype(saved[4], full.scalar_type());
+      if (need_m) {  // Σ_in dW'' ⊙ (W0 + s·up·down) / norm
+        const Tensor direction = at::addmm(as_dtype(saved[2], full.scalar_type()), u, d, 1.0, scale);
+        grad_m = at::sum(at::mul(full, direction), {1}).div_(norm);
+      }
+      full.mul_(saved[6].unsqueeze(1));  // dW' = c ⊙ dW''
+      if (need_d) {
+        grad_d = scaled_product(u.t(), full, scale);
+      }
+      if (need_u) {
+        grad_u = scaled_product(full, d.t(), scale);
+      }
+      if (need_w) {
+        grad_w = full;
+      }
+    }
+    return {grad_x, grad_w, bias_grad(ctx, g), grad_d, grad_u, grad_m, Tensor()};
+  }
+
+ private:
+  // (W0 + s·up·down, its row norms clamped at the smallest normal number, m / norms) in
+  // the wider of W0's and the parameters' dtypes (functional.py's _rescaled_direction).
+  static std::array<Tensor, 3> rescaled_direction(const Tensor& weight, const Tensor& down,
+                                                  const Tensor& up, const Tensor& magnitude,
+                                                  double scale) {
+    const auto wide = c10::promoteTypes(
+        c10::promoteTypes(weight.scalar_type(), down.scalar_type()), magnitude.scalar_type());
+    const Tensor direction =
+        at::addmm(as_dtype(weight, wide), as_dtype(up, wide), as_dtype(down, wide), 1.0, scale);
+    const double tiny = wide == at::kDouble ? std::numeric_limits<double>::min()
+                                            : std::numeric_limits<float>::min();
+    const Tensor norm =
+        at::linalg_vector_norm(direction, 2, at::IntArrayRef{1}, false, std::nullopt)
+            .clamp_min_(tiny);
+    return {direction, norm, at::div(as_dtype(magnitude, wide), norm)};
+  }
+};
+
 // FLoRA's linear: the low-rank linear with down = core U_inᵀ (the Tucker core and the
 // input factor, float32 beside the compute dtype) and up = U_out, the scale on the rank
 // term. The core product and its gradients (d_core = d_down U_in, d_U_in = d_downᵀ core)
@@ -206,12 +337,12 @@ struct RescaledLowRankLinear : public torch::autograd::Function<RescaledLowRankL
 struct TuckerLowRankLinear : public torch::autograd::Function<TuckerLowRankLinear> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const std::optional<Tensor>& bias, const Tensor& core,
-                        const Tensor& u_out, const Tensor& u_in, double scale, bool in_weight) {
+                        const Tensor& u_out, const Tensor& u_in, double scale, int64_t form) {
     const auto dtype = compute_dtype(x);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const Tensor down = at::mm(core, u_in.t());
     const Tensor b = bias.has_value() ? *bias : Tensor();
-    auto [y, saved] = low_rank_rows(ctx, x, weight, b, down, u_out, scale, in_weight, dtype);
+    auto [y, saved] = low_rank_rows(ctx, x, weight, b, down, u_out, scale, as_form(form), dtype);
     saved.insert(saved.end(), {core, u_in});
     return finish_forward(ctx, saved, b.defined(), y, x);
   }
@@ -249,21 +380,27 @@ struct TuckerLowRankLinear : public torch::autograd::Function<TuckerLowRankLinea
 Tensor tucker_low_rank_linear(const Tensor& x, const Tensor& weight,
                               const std::optional<Tensor>& bias, const Tensor& core,
                               const Tensor& u_out, const Tensor& u_in, double scale,
-                              bool in_weight) {
-  return TuckerLowRankLinear::apply(x, weight, bias, core, u_out, u_in, scale, in_weight);
+                              int64_t form) {
+  return TuckerLowRankLinear::apply(x, weight, bias, core, u_out, u_in, scale, form);
 }
 
 Tensor low_rank_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                       const Tensor& down, const Tensor& up, double scale, bool in_weight) {
-  return LowRankLinear::apply(x, weight, bias, down, up, scale, in_weight);
+                       const Tensor& down, const Tensor& up, double scale, int64_t form) {
+  return LowRankLinear::apply(x, weight, bias, down, up, scale, form);
+}
+
+Tensor rescaled_weight_linear(const Tensor& x, const Tensor& weight,
+                              const std::optional<Tensor>& bias, const Tensor& down,
+                              const Tensor& up, double scale, const Tensor& magnitude) {
+  return RescaledWeightLinear::apply(x, weight, bias, down, up, magnitude, scale);
 }
 
 Tensor rescaled_low_rank_linear(const Tensor& x, const Tensor& weight,
                                 const std::optional<Tensor>& bias, const Tensor& down,
                                 const Tensor& up, double scale, const Tensor& magnitude,
-                                const Tensor& inv_norm, bool in_weight) {
+                                const Tensor& inv_norm, int64_t form) {
   return RescaledLowRankLinear::apply(x, weight, bias, down, up, magnitude, inv_norm, scale,
-                                      in_weight);
+                                      form);
 }
 
 // 1 / ‖W0 + s · up down‖ per output channel in float32, without forming the sum (dora.py's

@@ -6,14 +6,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rescaled_low_rank_linear", &mm_spectral_native::rescaled_low_rank_linear,
         "DoRA's linear: magnitude · inv_norm ⊙ (the low-rank linear without bias) + bias, as "
         "one C++ autograd node");
+  m.def("rescaled_weight_linear", &mm_spectral_native::rescaled_weight_linear,
+        "DoRA's linear with the rescale in the weight: x (m ⊙ (W + scale · up down) / norm)ᵀ + "
+        "bias, the norm without gradient, the factors' gradients from one dense dW, as one C++ "
+        "autograd node");
   m.def("low_rank_inverse_norms", &mm_spectral_native::low_rank_inverse_norms,
         "1 / ‖W0 + scale · up down‖ per output channel, float32, without gradient");
   m.def("tucker_low_rank_linear", &mm_spectral_native::tucker_low_rank_linear,
         "FLoRA's linear: the low-rank linear with down = core U_inᵀ and up = U_out, one C++ "
         "autograd node");
   m.def("low_rank_linear", &mm_spectral_native::low_rank_linear,
-        "y = x Wᵀ + b + scale · (x downᵀ) upᵀ as one C++ autograd node; in_weight: as "
-        "y = x (W + scale · up down)ᵀ + b (mm_spectral.kernels.dispatch.rank_term_in_weight)");
+        "y = x Wᵀ + b + scale · (x downᵀ) upᵀ as one C++ autograd node; form: how the rank "
+        "term is stepped (mm_spectral.kernels.dispatch.FORMS, by index)");
   m.def("sparse_spectrum_to_real", &mm_spectral_native::sparse_spectrum_to_real,
         "scale · Re(ifft2(F)), float32, F zero but at the entries behind positions (FourierFT's "
         "ΔW, FoRA's factors), as one C++ autograd node");
