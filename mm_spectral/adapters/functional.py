@@ -109,16 +109,23 @@ def _wide_sum(weight: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
     return torch.addmm(_as(weight, wide), _as(up, wide), _as(down, wide), alpha=scale)
 
 
-def _summed_weight(weight: Tensor, down: Tensor, up: Tensor, scale: float, dtype) -> Tensor:  # type: ignore[no-untyped-def]
+def _weight_space(device_type: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with autocast off for ``device_type``: weight-space products in the
+    parameters' precision, not autocast's half one."""
+    if torch.is_autocast_enabled(device_type):
+        return outside_autocast(device_type, fn, *args)
+    return fn(*args)
+
+
+def _summed_weight(
+    weight: Tensor, down: Tensor, up: Tensor, scale: float, dtype: torch.dtype
+) -> Tensor:
     """W + scale · up down in the compute dtype ``dtype``. A weight stored in it
     (frozen_dtype) takes the rank term in one GEMM epilogue, rounded once; a wider one is
     summed in the wider precision and cast once, as merging does."""
     if weight.dtype == dtype:
         return torch.addmm(weight, _as(up, dtype), _as(down, dtype), alpha=scale)
-    device_type = weight.device.type
-    if torch.is_autocast_enabled(device_type):  # not autocast's half addmm
-        return _as(outside_autocast(device_type, _wide_sum, weight, down, up, scale), dtype)
-    return _as(_wide_sum(weight, down, up, scale), dtype)
+    return _as(_weight_space(weight.device.type, _wide_sum, weight, down, up, scale), dtype)
 
 
 def _dense_weight_grad(g: Tensor, x2: Tensor, factor_dtype: torch.dtype) -> Tensor:
@@ -256,14 +263,6 @@ class RescaledLowRankLinear(torch.autograd.Function):
         grads = _low_rank_backward(ctx, g * channel, saved, need_x, need_w, False, need_d, need_u)
         grad_x, grad_w, _, grad_d, grad_u = grads
         return grad_x, grad_w, grad_b, grad_d, grad_u, grad_m, None, None
-
-
-def _weight_space(device_type: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` with autocast off for ``device_type``: weight-space products in the
-    parameters' precision, not autocast's half one."""
-    if torch.is_autocast_enabled(device_type):
-        return outside_autocast(device_type, fn, *args)
-    return fn(*args)
 
 
 def _rescaled_direction(weight, down, up, magnitude, scale: float):  # type: ignore[no-untyped-def]
