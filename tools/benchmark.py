@@ -294,8 +294,9 @@ def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         choices=list(RANK_TERMS),
-        help="run each LoRA/DoRA/FLoRA/FoRA variant once per form given: where the plain "
-        "path adds the rank-r term (OPTIONS.rank_term: into the output, the weight, or auto)",
+        help="run each LoRA/DoRA/FLoRA/FoRA variant once per form given: how the plain "
+        "path takes the rank-r term (OPTIONS.rank_term: into the output, the weight, the "
+        "weight with gradients from a dense dW, or auto)",
     )
     parser.add_argument(
         "--native",
