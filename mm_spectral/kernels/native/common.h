@@ -52,6 +52,12 @@ inline Tensor finish_forward(AutogradContext* ctx, const std::vector<Tensor>& sa
   return shaped(y, x);
 }
 
+// An input gradient's rows back in the input's shape, which the forward put in "x_shape".
+inline Tensor input_shaped(AutogradContext* ctx, const Tensor& grad_rows) {
+  const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
+  return x_shape.size() == 2 ? grad_rows : grad_rows.view(x_shape);
+}
+
 // The input's tokens as rows (tokens × in_features) in the compute dtype `dtype`.
 inline Tensor input_rows(const Tensor& x, int64_t in_features, at::ScalarType dtype) {
   return as_dtype(x.dim() == 2 ? x : x.reshape({-1, in_features}), dtype);

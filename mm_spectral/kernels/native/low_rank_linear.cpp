@@ -174,10 +174,7 @@ std::array<Tensor, 4> low_rank_grads(AutogradContext* ctx, const Tensor& g,
     grad_w = at::mm(g.t(), x2);
   }
   if (need.x) {
-    const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
-    if (x_shape.size() != 2) {
-      grad_x = grad_x.view(x_shape);
-    }
+    grad_x = input_shaped(ctx, grad_x);
   }
   return {grad_x, grad_w, grad_d, grad_u};
 }
@@ -283,11 +280,7 @@ struct RescaledWeightLinear : public torch::autograd::Function<RescaledWeightLin
     const bool need_m = ctx->needs_input_grad(factors + 2);
     Tensor grad_x, grad_w, grad_d, grad_u, grad_m;
     if (ctx->needs_input_grad(0)) {
-      grad_x = at::mm(g, w);
-      const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
-      if (x_shape.size() != 2) {
-        grad_x = grad_x.view(x_shape);
-      }
+      grad_x = input_shaped(ctx, at::mm(g, w));
     }
     if (need_w || need_d || need_u || need_m) {
       Tensor full = dense_weight_grad(g, x2, norm.scalar_type());  // dW'' = gᵀx

@@ -71,11 +71,7 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
     const bool need_delta = ctx->needs_input_grad(edge_after_bias(ctx));  // x, W, [b], ΔW
     Tensor grad_x, grad_w, grad_delta;
     if (ctx->needs_input_grad(0)) {
-      grad_x = at::mm(g, w);
-      const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
-      if (x_shape.size() != 2) {
-        grad_x = grad_x.view(x_shape);
-      }
+      grad_x = input_shaped(ctx, at::mm(g, w));
     }
     if (need_w || need_delta) {
       const Tensor grad_full = at::mm(g.t(), x2);
