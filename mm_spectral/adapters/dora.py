@@ -115,9 +115,10 @@ class DoRA(LoRA):
     y = (m / ‖W0 + ΔW‖_c) ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ) + b, with the norm computed without
     gradient as in the DoRA paper §4.3: the output value is exact, only the gradient
     through the norm is dropped (the paper's memory saving). Linears in the dense rank-term
-    form (``OPTIONS.rank_term``, the default at rank ≤ 32) put the rescale into the weight
-    instead, y = x (m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖_c)ᵀ + b, the same norm without gradient. Grouped/depthwise convs and
-    loralib conv factors build W' (same detached norm). On the factored path the norm
+    form (``OPTIONS.rank_term``; when ``auto`` takes it: ``kernels.dispatch.rank_term_form``)
+    put the rescale into the weight instead, y = x (m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖_c)ᵀ + b, the
+    same norm without gradient. Grouped/depthwise convs and loralib conv factors build W'
+    (same detached norm). On the factored path the norm
     never builds ΔW: with ΔW = s·B A, ‖W0ᵢ + ΔWᵢ‖² = ‖W0ᵢ‖² + 2s·Bᵢ·(A W0ᵢᵀ) + s²·Bᵢ (A Aᵀ) Bᵢᵀ,
     one thin product with W0 and an r × r Gram matrix (see :func:`low_rank_row_norms`).
 
