@@ -272,3 +272,15 @@ def test_interleaved_graphs_stop_before_they_outgrow_the_device():
     benchmark.check_graph_room(30 * 2**30, [8.0, 13.5], left)  # 27 GiB needed: fits
     with pytest.raises(SystemExit, match=r"\(LoRA r16, DoRA r16\) need about 27.0 GiB, 20.0 GiB"):
         benchmark.check_graph_room(20 * 2**30, [8.0, 13.5], left)
+
+
+def test_backbone_benchmark_profiles_by_host_time():
+    out = run_tool(
+        "tools/benchmark.py",
+        *("--tiny", "--device", "cpu", "--only", "ViT", "--variants", "LoRA"),
+        *("--warmup", "1", "--iters", "1", "--skip-inference", "--amp-steps", "1"),
+        *("--profile", "LoRA", "--profile-sort", "host", "--profile-rows", "3"),
+    )
+    assert "#### profile: ViT-tiny LoRA r16 (3 steps, by self_cpu_time_total)" in out
+    table = out.split("by self_cpu_time_total)", 1)[1]
+    assert "aten::" in table and "# of Calls" in table

@@ -101,3 +101,22 @@ def test_auto_rank_term_follows_rank_and_tokens_against_weight_size(monkeypatch)
     monkeypatch.setattr(OPTIONS, "rank_term", "bogus")
     with pytest.raises(ValueError, match="rank_term must be one of"):
         rank_term_form(1, 2, 3, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sum_and_product_cast_on_store_equal_the_op_then_the_cast(dtype):
+    """add_as / mul_as (the weight sums of every form but the output one) round once, as
+    the float32 op followed by a cast does, and keep the first operand's memory format."""
+    from mm_spectral.adapters.functional import add_as, mul_as
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 5, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+    b = torch.randn(6, 5, 3, 3, generator=gen)
+    rows = torch.rand(6, 1, 1, 1, generator=gen) + 0.5
+    summed = add_as(a, b, 0.375, dtype)
+    assert summed.dtype == dtype and summed.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(summed, torch.add(a, b, alpha=0.375).to(dtype))
+    assert torch.equal(add_as(a, b.double(), 1.0, dtype), (a.double() + b.double()).to(dtype))
+    scaled = mul_as(a, rows, dtype)
+    assert scaled.dtype == dtype and scaled.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(scaled, (a * rows).to(dtype))

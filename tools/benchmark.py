@@ -433,10 +433,14 @@ def profile(step: Callable[[], float], title: str, args) -> None:
         f"per step, wall {wall_ms:.1f} ms per step under the profiler",
         flush=True,
     )
-    table = prof.key_averages().table(
-        sort_by=sort, row_limit=args.profile_rows, max_name_column_width=60
-    )
-    print(f"\n#### profile: {title} (3 steps)\n{table}", flush=True)
+    sorts = [sort] if args.profile_sort == "device" else ["self_cpu_time_total"]
+    if args.profile_sort == "both" and sort != "self_cpu_time_total":
+        sorts.insert(0, sort)
+    for key in sorts:
+        table = prof.key_averages().table(
+            sort_by=key, row_limit=args.profile_rows, max_name_column_width=60
+        )
+        print(f"\n#### profile: {title} (3 steps, by {key})\n{table}", flush=True)
 
 
 def variant(
@@ -711,6 +715,13 @@ def main() -> None:
         help="profile variants whose name contains one of these words",
     )
     parser.add_argument("--profile-rows", type=int, default=12)
+    parser.add_argument(
+        "--profile-sort",
+        default="device",
+        choices=["device", "host", "both"],
+        help="order the profile's operators by self device time, by self host (CPU) time "
+        "(what a host-bound eager step pays per op), or print both tables",
+    )
     parser.add_argument(
         "--frozen-dtype",
         default=None,

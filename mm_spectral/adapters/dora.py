@@ -83,7 +83,7 @@ def low_rank_row_squares(
     if base_squares is None:
         base_squares = row_squares(weight)
     cross = torch.mm(w.to(a.dtype) if w.dtype != a.dtype else w, a.t())  # (out, r)
-    mixed = torch.addmm(cross, b, torch.mm(a, a.t()), beta=2.0 * scale, alpha=scale**2)
+    mixed = cross.addmm_(b, torch.mm(a, a.t()), beta=2.0 * scale, alpha=scale**2)
     # ‖W0ᵢ‖² + bᵢ · mixedᵢ for every row i at once: one batched (1 × r)·(r × 1) product.
     rows = b.shape[0]
     return torch.baddbmm(

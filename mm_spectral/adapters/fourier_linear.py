@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..kernels.dispatch import compute_dtype, triton_available
 from ..kernels.spectral_grad import sampled_spectrum_grad
-from .functional import _as, _rows
+from .functional import _as, _rows, add_as
 from .spectral import sparse_spectrum_to_real
 
 
@@ -39,8 +39,7 @@ class SpectralDeltaLinear(torch.autograd.Function):
         dtype = compute_dtype(x)
         x2 = _as(_rows(x), dtype)
         delta = sparse_spectrum_to_real(coefs, positions, tuple(weight.shape), scale)
-        wide = torch.promote_types(weight.dtype, delta.dtype)
-        w = _as(_as(weight, wide) + delta, dtype)
+        w = add_as(weight, delta, 1.0, dtype)  # W + ΔW in the wider precision, cast on store
         y = F.linear(x2, w, None if bias is None else _as(bias, dtype))
         ctx.save_for_backward(x2, w, indices)
         ctx.scale, ctx.x_shape, ctx.coef_dtype = scale, x.shape, coefs.dtype

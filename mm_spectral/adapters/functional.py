@@ -103,10 +103,30 @@ def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return torch.addmm(zero, a, b, beta=0.0, alpha=scale)
 
 
-def _wide_sum(weight: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
-    """W + scale · up down in the wider of W's and the factors' dtypes (one addmm)."""
+def add_as(a: Tensor, b: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
+    """a + alpha · b computed in the wider of their dtypes and stored as ``dtype``: one
+    kernel where a sum and a cast would be two (the C++ nodes' ``add_as``)."""
+    if torch.compiler.is_compiling():  # no out= for the compiler; it fuses the cast anyway
+        return _as(torch.add(a, b, alpha=alpha), dtype)
+    return torch.add(a, b, alpha=alpha, out=torch.empty_like(a, dtype=dtype))
+
+
+def mul_as(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a ⊙ b (broadcast to a's shape) computed in the wider of their dtypes and stored as
+    ``dtype``: the product and its cast in one kernel (the C++ nodes' ``mul_as``)."""
+    if torch.compiler.is_compiling():
+        return _as(torch.mul(a, b), dtype)
+    return torch.mul(a, b, out=torch.empty_like(a, dtype=dtype))
+
+
+def _wide_sum(
+    weight: Tensor, down: Tensor, up: Tensor, scale: float, dtype: torch.dtype | None = None
+) -> Tensor:
+    """W + scale · up down in the wider of W's and the factors' dtypes, stored as ``dtype``
+    (default: that wider one): up down in one GEMM, then the sum and its cast in one pass
+    (an addmm into W would first copy W, a memcpy per step, and still need the cast)."""
     wide = torch.promote_types(weight.dtype, down.dtype)
-    return torch.addmm(_as(weight, wide), _as(up, wide), _as(down, wide), alpha=scale)
+    return add_as(weight, torch.mm(_as(up, wide), _as(down, wide)), scale, dtype or wide)
 
 
 def _weight_space(device_type: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -125,7 +145,7 @@ def _summed_weight(
     summed in the wider precision and cast once, as merging does."""
     if weight.dtype == dtype:
         return torch.addmm(weight, _as(up, dtype), _as(down, dtype), alpha=scale)
-    return _as(_weight_space(weight.device.type, _wide_sum, weight, down, up, scale), dtype)
+    return _weight_space(weight.device.type, _wide_sum, weight, down, up, scale, dtype)
 
 
 def _dense_weight_grad(g: Tensor, x2: Tensor, factor_dtype: torch.dtype) -> Tensor:
@@ -269,7 +289,7 @@ def _rescaled_direction(weight, down, up, magnitude, scale: float):  # type: ign
     """(W0 + s·up·down, its clamped row norms, m / norms), in the wider of W0's and the
     parameters' dtypes."""
     wide = torch.promote_types(torch.promote_types(weight.dtype, down.dtype), magnitude.dtype)
-    direction = torch.addmm(_as(weight, wide), _as(up, wide), _as(down, wide), alpha=scale)
+    direction = _wide_sum(weight, _as(down, wide), up, scale, wide)
     norm = torch.linalg.vector_norm(direction, dim=1).clamp_min_(torch.finfo(wide).tiny)
     return direction, norm, torch.div(_as(magnitude, wide), norm)
 
@@ -290,7 +310,7 @@ class RescaledWeightLinear(torch.autograd.Function):
         direction, norm, channel = _weight_space(
             x2.device.type, _rescaled_direction, weight, down, up, magnitude, scale
         )
-        w = _as(direction * channel.unsqueeze(1), dtype)
+        w = mul_as(direction, channel.unsqueeze(1), dtype)  # scaled and cast at once
         y = F.linear(x2, w, None if bias is None else _as(bias, dtype))
         ctx.save_for_backward(x2, w, weight, down, up, norm, channel)
         ctx.scale, ctx.x_shape, ctx.magnitude_dtype = scale, x.shape, magnitude.dtype
@@ -311,8 +331,9 @@ class RescaledWeightLinear(torch.autograd.Function):
             full = _dense_weight_grad(g, x2, norm.dtype)  # dW'' = gᵀx
             if need_m:
                 direction = _weight_space(
-                    x2.device.type, _wide_sum, _as(weight, norm.dtype), down, up, ctx.scale
-                )
+                    x2.device.type, _wide_sum, weight, _as(down, norm.dtype), _as(up, norm.dtype),
+                    ctx.scale, norm.dtype,
+                )  # fmt: skip
                 grad_m = (full * direction).sum(1).div_(norm)
             full = full.mul_(channel.unsqueeze(1))  # dW' = c ⊙ dW''
             if need_d:
@@ -330,9 +351,7 @@ class DeltaLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, delta):  # type: ignore[override]
         dtype = compute_dtype(x)
         x2 = _as(_rows(x), dtype)
-        # W + ΔW added in the higher of the two precisions, then cast once.
-        wide = torch.promote_types(weight.dtype, delta.dtype)
-        w = _as(_as(weight, wide) + _as(delta, wide), dtype)
+        w = add_as(weight, delta, 1.0, dtype)  # W + ΔW in the wider precision, cast on store
         y = F.linear(x2, w, None if bias is None else _as(bias, dtype))
         ctx.save_for_backward(x2, w)
         ctx.x_shape = x.shape

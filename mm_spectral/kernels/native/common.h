@@ -19,6 +19,20 @@ inline Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
+// a + alpha · b, computed in the wider of their dtypes and stored as `dtype` (with a's
+// memory format): one kernel where a sum and a cast would be two (the cast happens on store).
+inline Tensor add_as(const Tensor& a, const Tensor& b, double alpha, at::ScalarType dtype) {
+  Tensor out = at::empty_like(a, a.options().dtype(dtype));
+  return at::add_out(out, a, b, alpha);
+}
+
+// a ⊙ b (broadcast), computed in the wider of their dtypes and stored as `dtype`, in a's
+// shape and memory format: the product and its cast in one kernel.
+inline Tensor mul_as(const Tensor& a, const Tensor& b, at::ScalarType dtype) {
+  Tensor out = at::empty_like(a, a.options().dtype(dtype));
+  return at::mul_out(out, a, b);
+}
+
 inline bool is_half(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16;
 }

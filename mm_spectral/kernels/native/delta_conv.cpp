@@ -57,9 +57,7 @@ struct DeltaConv2d : public torch::autograd::Function<DeltaConv2d> {
                         std::vector<int64_t> dilation, int64_t groups) {
     const auto dtype = compute_dtype(x);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const auto wide = c10::promoteTypes(weight.scalar_type(), delta.scalar_type());
-    const Tensor w = as_dtype(
-        at::add(as_dtype(weight, wide), as_dtype(delta.view(weight.sizes()), wide)), dtype);
+    const Tensor w = add_as(weight, delta.view(weight.sizes()), 1.0, dtype);  // cast on store
     const Tensor input = as_dtype(x, dtype);
     return conv_forward(ctx, {input, w}, input, w, bias, delta, stride, padding, dilation, groups);
   }
@@ -102,7 +100,7 @@ struct RescaledDeltaConv2d : public torch::autograd::Function<RescaledDeltaConv2
     const Tensor scale = as_dtype(magnitude, wide) / norm;
     std::vector<int64_t> per_row(weight.dim(), 1);
     per_row[0] = -1;
-    const Tensor w = as_dtype(direction * scale.view(per_row), dtype);
+    const Tensor w = mul_as(direction, scale.view(per_row), dtype);  // scaled and cast at once
     const Tensor input = as_dtype(x, dtype);
     return conv_forward(ctx, {input, w, direction, scale, norm}, input, w, bias, delta, stride,
                         padding, dilation, groups);

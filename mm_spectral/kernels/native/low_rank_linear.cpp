@@ -60,17 +60,23 @@ Tensor scaled_product(const Tensor& a, const Tensor& b, double scale) {
   return at::addmm(at::empty({}, a.options()), a, b, 0.0, scale);
 }
 
+// W + s · up down in the wider of W's and the factors' dtypes (functional.py's _wide_sum),
+// stored as `dtype`: up down in one GEMM, then the sum and its cast in one pass. (An addmm
+// into W would first copy W, a memcpy per step, and still need the cast.)
+Tensor wide_sum(const Tensor& weight, const Tensor& down, const Tensor& up, double scale,
+                at::ScalarType dtype) {
+  const auto wide = c10::promoteTypes(weight.scalar_type(), down.scalar_type());
+  return add_as(weight, at::mm(as_dtype(up, wide), as_dtype(down, wide)), scale, dtype);
+}
+
 // W + s · up down in the compute dtype (functional.py's _summed_weight): one GEMM epilogue
-// for a weight stored in it, else summed in the wider dtype and cast once.
+// for a weight stored in it, else summed in the wider dtype and cast on store.
 Tensor summed_weight(const Tensor& weight, const Tensor& down, const Tensor& up, double scale,
                      at::ScalarType dtype) {
   if (weight.scalar_type() == dtype) {
     return at::addmm(weight, as_dtype(up, dtype), as_dtype(down, dtype), 1.0, scale);
   }
-  const auto wide = c10::promoteTypes(weight.scalar_type(), down.scalar_type());
-  return as_dtype(
-      at::addmm(as_dtype(weight, wide), as_dtype(up, wide), as_dtype(down, wide), 1.0, scale),
-      dtype);
+  return wide_sum(weight, down, up, scale, dtype);
 }
 
 // dW = gᵀ x2, at least as wide as the factors' dtype (functional.py's _dense_weight_grad).
@@ -256,8 +262,7 @@ struct RescaledWeightLinear : public torch::autograd::Function<RescaledWeightLin
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const Tensor x2 = input_rows(x, weight.size(1), dtype);
     const auto [direction, norm, channel] = rescaled_direction(weight, down, up, magnitude, scale);
-    Tensor w = at::empty(direction.sizes(), direction.options().dtype(dtype));
-    at::mul_out(w, direction, channel.unsqueeze(1));  // scaled and cast in one pass
+    const Tensor w = mul_as(direction, channel.unsqueeze(1), dtype);  // scaled and cast at once
     const Tensor b = bias.has_value() ? as_dtype(*bias, dtype) : Tensor();
     const Tensor y = at::linear(x2, w, b);
     ctx->saved_data["scale"] = scale;
@@ -287,7 +292,7 @@ struct RescaledWeightLinear : public torch::autograd::Function<RescaledWeightLin
       const Tensor d = as_dtype(saved[3], full.scalar_type());
       const Tensor u = as_dtype(saved[4], full.scalar_type());
       if (need_m) {  // Σ_in dW'' ⊙ (W0 + s·up·down) / norm
-        const Tensor direction = at::addmm(as_dtype(saved[2], full.scalar_type()), u, d, 1.0, scale);
+        const Tensor direction = wide_sum(saved[2], d, u, scale, full.scalar_type());
         grad_m = at::sum(at::mul(full, direction), {1}).div_(norm);
       }
       full.mul_(saved[6].unsqueeze(1));  // dW' = c ⊙ dW''
@@ -312,8 +317,7 @@ struct RescaledWeightLinear : public torch::autograd::Function<RescaledWeightLin
                                                   double scale) {
     const auto wide = c10::promoteTypes(
         c10::promoteTypes(weight.scalar_type(), down.scalar_type()), magnitude.scalar_type());
-    const Tensor direction =
-        at::addmm(as_dtype(weight, wide), as_dtype(up, wide), as_dtype(down, wide), 1.0, scale);
+    const Tensor direction = wide_sum(weight, as_dtype(down, wide), up, scale, wide);
     const double tiny = wide == at::kDouble ? std::numeric_limits<double>::min()
                                             : std::numeric_limits<float>::min();
     const Tensor norm =
@@ -411,7 +415,7 @@ Tensor low_rank_inverse_norms(const Tensor& weight, const Tensor& down, const Te
                           : at::linalg_vector_norm(w, 2, at::IntArrayRef{1}, false, at::kFloat)
                                 .square_();
   const Tensor cross = at::mm(as_dtype(w, at::kFloat), a.t());
-  const Tensor mixed = at::addmm(cross, b, at::mm(a, a.t()), 2.0 * scale, scale * scale);
+  const Tensor mixed = cross.addmm_(b, at::mm(a, a.t()), 2.0 * scale, scale * scale);
   const Tensor squares =
       at::baddbmm(base.view({rows, 1, 1}), b.view({rows, 1, -1}), mixed.view({rows, -1, 1}));
   return squares.view({rows}).clamp_min_(std::numeric_limits<float>::min()).rsqrt_();

@@ -53,9 +53,8 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
     const auto dtype = compute_dtype(x);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const Tensor x2 = input_rows(x, weight.size(1), dtype);
-    // W + ΔW added in the higher of the two precisions, then cast once.
-    const auto wide = c10::promoteTypes(weight.scalar_type(), delta.scalar_type());
-    const Tensor w = as_dtype(at::add(as_dtype(weight, wide), as_dtype(delta, wide)), dtype);
+    // W + ΔW added in the higher of the two precisions, cast once on store.
+    const Tensor w = add_as(weight, delta, 1.0, dtype);
     const Tensor y = at::linear(x2, w, bias.has_value() ? as_dtype(*bias, dtype) : Tensor());
     ctx->saved_data["x_shape"] = x.sizes();
     return finish_forward(ctx, {x2, w}, bias.has_value(), y, x);
