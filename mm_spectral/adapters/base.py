@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.native import native_ops
+from .bias_cast import compute_bias
 from .functional import delta_linear, low_rank_linear
 
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -122,6 +123,7 @@ def delta_conv(layer: nn.Conv2d, x: Tensor, bias: Tensor | None, delta: Tensor) 
     (:func:`native_conv_ops`), else its own op on ``W0 + ΔW`` (ΔW cast to W0's dtype first)."""
     native = native_conv_ops(layer)
     if native is not None:
+        bias = compute_bias(bias, x)
         return native.delta_conv2d(x, layer.weight, bias, delta, *conv_options(layer))
     return layer_op(layer, x, layer.weight + delta.to(layer.weight.dtype), bias)
 

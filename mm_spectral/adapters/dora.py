@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..kernels.dispatch import off_default_stream
 from ..kernels.native import native_ops
 from .base import LayerSpec, conv_options, layer_op, native_conv_ops, register_adapter
+from .bias_cast import compute_bias
 from .functional import (
     _as,
     outside_autocast,
@@ -189,7 +190,7 @@ class DoRA(LoRA):
             native = native_conv_ops(layer) if self.spec.kind == "conv2d" else None
             if native is not None:  # the lines below as one C++ node
                 return native.rescaled_delta_conv2d(
-                    x, layer.weight, layer.bias, self.delta(), self.magnitude,
+                    x, layer.weight, compute_bias(layer.bias, x), self.delta(), self.magnitude,
                     *conv_options(layer),
                 )  # fmt: skip
             direction = self._direction(layer.weight)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..kernels.native import native_ops
 from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
+from .bias_cast import compute_bias
 from .functional import eager_native, form_code, outside_autocast, scaled_mm
 
 
@@ -142,8 +143,9 @@ class FLoRA(LowRankAdapter):
             if native is not None:
                 form = form_code(x, layer.weight, u_out)
                 return native.tucker_low_rank_linear(
-                    x, layer.weight, bias, self.core, u_out, u_in, self.scale, form
-                )
+                    x, layer.weight, compute_bias(bias, x), self.core, u_out, u_in, self.scale,
+                    form,
+                )  # fmt: skip
         return super().factored_forward(x, layer, bias)
 
     def size_warning(self) -> str | None:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..kernels.dispatch import compute_dtype, triton_available
 from ..kernels.spectral_grad import sampled_spectrum_grad
+from .bias_cast import compute_bias
 from .functional import _as, _rows, add_as
 from .spectral import sparse_spectrum_to_real
 
@@ -73,4 +74,5 @@ def spectral_delta_linear(
     scale: float,
 ) -> Tensor:
     """FourierFT's linear forward; the backward never forms gᵀx (see the module docstring)."""
+    bias = compute_bias(bias, x)
     return SpectralDeltaLinear.apply(x, weight, bias, coefficients, positions, indices, scale)

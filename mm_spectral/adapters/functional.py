@@ -30,6 +30,7 @@ from ..kernels.dispatch import (
     use_fused_low_rank,
 )
 from ..kernels.native import native_ops
+from .bias_cast import compute_bias
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -400,6 +401,7 @@ def low_rank_linear(
     (while compiling, where the fused kernels qualify, or without the C++ node)."""
     native = eager_native(x, weight, up)
     if native is not None:
+        bias = compute_bias(bias, x)
         return native.low_rank_linear(x, weight, bias, down, up, scale, form_code(x, weight, up))
     return LowRankLinear.apply(x, weight, bias, down, up, scale)
 
@@ -419,8 +421,9 @@ def rescaled_low_rank_linear(
     native = eager_native(x, weight, up)
     if native is not None:
         return native.rescaled_low_rank_linear(
-            x, weight, bias, down, up, scale, magnitude, inv_norm, form_code(x, weight, up)
-        )
+            x, weight, compute_bias(bias, x), down, up, scale, magnitude, inv_norm,
+            form_code(x, weight, up),
+        )  # fmt: skip
     return RescaledLowRankLinear.apply(x, weight, bias, down, up, magnitude, inv_norm, scale)
 
 
@@ -449,6 +452,7 @@ def rescaled_weight_linear(
     where :func:`low_rank_linear` would take it."""
     native = eager_native(x, weight, up)
     if native is not None:
+        bias = compute_bias(bias, x)
         return native.rescaled_weight_linear(x, weight, bias, down, up, scale, magnitude)
     return RescaledWeightLinear.apply(x, weight, bias, down, up, magnitude, scale)
 
@@ -459,5 +463,5 @@ def delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor) 
     if not torch.compiler.is_compiling():
         native = native_ops()
         if native is not None:
-            return native.delta_linear(x, weight, bias, delta)
+            return native.delta_linear(x, weight, compute_bias(bias, x), delta)
     return DeltaLinear.apply(x, weight, bias, delta)
