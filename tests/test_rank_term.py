@@ -120,3 +120,16 @@ def test_sum_and_product_cast_on_store_equal_the_op_then_the_cast(dtype):
     scaled = mul_as(a, rows, dtype)
     assert scaled.dtype == dtype and scaled.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(scaled, (a * rows).to(dtype))
+
+
+def test_sum_cast_on_store_stays_differentiable_where_autograd_records_it():
+    """With grad on and an operand that needs it (a backward run with create_graph), the
+    sum is recorded as an op and a cast, not written into an out= tensor."""
+    from mm_spectral.adapters.functional import add_as, mul_as
+
+    a = torch.randn(4, 3, requires_grad=True)
+    b = torch.randn(4, 3)
+    summed = add_as(a, b, 2.0, torch.bfloat16)
+    scaled = mul_as(a, b, torch.bfloat16)
+    (summed.float().sum() + scaled.float().sum()).backward()
+    torch.testing.assert_close(a.grad, (1.0 + b).to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)

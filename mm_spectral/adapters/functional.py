@@ -107,7 +107,7 @@ def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
 def add_as(a: Tensor, b: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
     """a + alpha · b computed in the wider of their dtypes and stored as ``dtype``: one
     kernel where a sum and a cast would be two (the C++ nodes' ``add_as``)."""
-    if torch.compiler.is_compiling():  # no out= for the compiler; it fuses the cast anyway
+    if _no_out(a, b):
         return _as(torch.add(a, b, alpha=alpha), dtype)
     return torch.add(a, b, alpha=alpha, out=torch.empty_like(a, dtype=dtype))
 
@@ -115,9 +115,18 @@ def add_as(a: Tensor, b: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
 def mul_as(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """a ⊙ b (broadcast to a's shape) computed in the wider of their dtypes and stored as
     ``dtype``: the product and its cast in one kernel (the C++ nodes' ``mul_as``)."""
-    if torch.compiler.is_compiling():
+    if _no_out(a, b):
         return _as(torch.mul(a, b), dtype)
     return torch.mul(a, b, out=torch.empty_like(a, dtype=dtype))
+
+
+def _no_out(a: Tensor, b: Tensor) -> bool:
+    """Whether an op on ``a`` and ``b`` must not write into an ``out=`` tensor: while
+    compiling (the compiler fuses the cast itself) or where autograd records it (a
+    backward run with ``create_graph``)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
 
 
 def _wide_sum(
