@@ -304,6 +304,30 @@ def _rescaled_direction(weight, down, up, magnitude, scale: float):  # type: ign
     return direction, norm, torch.div(_as(magnitude, wide), norm)
 
 
+def _rescaled_weight_grads(full, weight, down, up, norm, channel, scale: float, needs):  # type: ignore[no-untyped-def]
+    """(dW, d_down, d_up, d_m) of :class:`RescaledWeightLinear` from dW'' = gᵀx (``full``)
+    and p = dW'' downᵀ, without the summed weight again: Σ_in dW'' ⊙ (W0 + s·up·down) =
+    Σ_in dW'' ⊙ W0 + s · Σ_r up ⊙ p; the factors see dW' = c ⊙ dW'', so d_up = s · c ⊙ p and
+    d_down = s · (c ⊙ up)ᵀ dW''. The C++ node's ops, in its order."""
+    need_w, need_d, need_u, need_m = needs
+    grad_w = grad_d = grad_u = grad_m = None
+    d, u = _as(down, full.dtype), _as(up, full.dtype)
+    c = channel.unsqueeze(1)
+    p = torch.mm(full, d.t()) if (need_m or need_u) else None
+    if need_m:
+        rows = full.shape[0]
+        grad_m = _as((full * weight).sum(1), full.dtype)  # in place below: no copy of it
+        grad_m.view(rows, 1, 1).baddbmm_(u.view(rows, 1, -1), p.view(rows, -1, 1), alpha=scale)
+        grad_m.div_(norm)
+    if need_u:
+        grad_u = p.mul_(c) if scale == 1.0 else p.mul_(c).mul_(scale)
+    if need_w:
+        grad_w = full.mul_(c)
+    if need_d:
+        grad_d = scaled_mm(u.t(), grad_w, scale) if need_w else scaled_mm((u * c).t(), full, scale)
+    return grad_w, grad_d, grad_u, grad_m
+
+
 class RescaledWeightLinear(torch.autograd.Function):
     """DoRA's linear with the rescale in the weight: y = x W'ᵀ + b, W' = c ⊙ (W0 + s·up·down)
     per output row, c = m / ‖W0 + s·up·down‖ (the norm without gradient, paper §4.3).
@@ -339,18 +363,10 @@ class RescaledWeightLinear(torch.autograd.Function):
             grad_b = g.sum(0)
         if need_w or need_d or need_u or need_m:
             full = _dense_weight_grad(g, x2, norm.dtype)  # dW'' = gᵀx
-            if need_m:
-                direction = _weight_space(
-                    x2.device.type, _wide_sum, weight, _as(down, norm.dtype), _as(up, norm.dtype),
-                    ctx.scale, norm.dtype,
-                )  # fmt: skip
-                grad_m = (full * direction).sum(1).div_(norm)
-            full = full.mul_(channel.unsqueeze(1))  # dW' = c ⊙ dW''
-            if need_d:
-                grad_d = scaled_mm(_as(up, full.dtype).t(), full, ctx.scale)
-            if need_u:
-                grad_u = scaled_mm(full, _as(down, full.dtype).t(), ctx.scale)
-            grad_w = full if need_w else None
+            grad_w, grad_d, grad_u, grad_m = _weight_space(
+                x2.device.type, _rescaled_weight_grads, full, weight, down, up, norm, channel,
+                ctx.scale, (need_w, need_d, need_u, need_m),
+            )  # fmt: skip
         return grad_x, grad_w, grad_b, grad_d, grad_u, grad_m, None
 
 

@@ -288,22 +288,34 @@ struct RescaledWeightLinear : public torch::autograd::Function<RescaledWeightLin
       grad_x = input_shaped(ctx, at::mm(g, w));
     }
     if (need_w || need_d || need_u || need_m) {
-      Tensor full = dense_weight_grad(g, x2, norm.scalar_type());  // dW'' = gᵀx
-      const Tensor d = as_dtype(saved[3], full.scalar_type());
-      const Tensor u = as_dtype(saved[4], full.scalar_type());
-      if (need_m) {  // Σ_in dW'' ⊙ (W0 + s·up·down) / norm
-        const Tensor direction = wide_sum(saved[2], d, u, scale, full.scalar_type());
-        grad_m = at::sum(at::mul(full, direction), {1}).div_(norm);
+      // From dW'' = gᵀx and p = dW'' downᵀ (out × r), without the summed weight again:
+      // Σ_in dW'' ⊙ (W0 + s·up·down) = Σ_in dW'' ⊙ W0 + s · Σ_r up ⊙ p, and the factors see
+      // dW' = c ⊙ dW'': d_up = s · c ⊙ p, d_down = s · (c ⊙ up)ᵀ dW''.
+      Tensor full = dense_weight_grad(g, x2, norm.scalar_type());
+      const auto wide = full.scalar_type();
+      const Tensor d = as_dtype(saved[3], wide);
+      const Tensor u = as_dtype(saved[4], wide);
+      const Tensor channel = saved[6].unsqueeze(1);
+      Tensor p;
+      if (need_m || need_u) {
+        p = at::mm(full, d.t());
       }
-      full.mul_(saved[6].unsqueeze(1));  // dW' = c ⊙ dW''
-      if (need_d) {
-        grad_d = scaled_product(u.t(), full, scale);
+      if (need_m) {
+        const int64_t rows = full.size(0);
+        // In place on the fresh row sums: an out-of-place baddbmm would first copy them.
+        grad_m = as_dtype(at::sum(at::mul(full, saved[2]), {1}), wide);
+        grad_m.view({rows, 1, 1}).baddbmm_(u.view({rows, 1, -1}), p.view({rows, -1, 1}), 1.0, scale);
+        grad_m.div_(norm);
       }
       if (need_u) {
-        grad_u = scaled_product(full, d.t(), scale);
+        grad_u = scale == 1.0 ? p.mul_(channel) : p.mul_(channel).mul_(scale);
       }
       if (need_w) {
-        grad_w = full;
+        grad_w = full.mul_(channel);
+      }
+      if (need_d) {
+        grad_d = need_w ? scaled_product(u.t(), grad_w, scale)
+                        : scaled_product(at::mul(u, channel).t(), full, scale);
       }
     }
     return {grad_x, grad_w, bias_grad(ctx, g), grad_d, grad_u, grad_m, Tensor()};
