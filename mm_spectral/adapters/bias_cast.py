@@ -15,35 +15,48 @@ own its storage exactly (FSDP's views into a flat parameter, which it frees and 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-_CASTS = WeakIdKeyDictionary()  # bias -> ((dtype, version, data_ptr), the cast copy)
+# id(bias) -> (weak reference to the bias, (dtype, version, data_ptr), the cast copy); the
+# entry goes when the bias does. A plain dict by id: this lookup runs per adapted layer
+# and step, and torch.utils.weak.WeakIdKeyDictionary builds a reference object per lookup.
+_CASTS: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
 
 
 def compute_bias(bias: Tensor | None, x: Tensor) -> Tensor | None:
     """``bias`` in the dtype that ``x``'s op computes in under autocast: a kept copy for a
     frozen bias (see the module docstring), else ``bias`` itself (the op casts it)."""
-    if bias is None or bias.requires_grad or torch.compiler.is_compiling():
+    if bias is None or bias.requires_grad:
         return bias
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if x.is_cuda:  # (x.device.type builds a device object: µs per call)
+        if torch.cuda.is_current_stream_capturing():
+            return bias  # the graph casts the live bias on every replay
+        device_type = "cuda"
+    else:
+        device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling():
         return bias
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return bias  # the graph casts the live bias on every replay
     dtype = torch.get_autocast_dtype(device_type)
-    if bias.dtype == dtype or not bias.is_floating_point():
+    if bias.dtype == dtype:
         return bias
     key = (dtype, bias._version, bias.data_ptr())
-    kept = _CASTS.get(bias)
-    if kept is not None and kept[0] == key:
-        return kept[1]
-    if not _may_keep(bias):
+    kept = _CASTS.get(id(bias))
+    if kept is not None and kept[1] == key and kept[0]() is bias:
+        return kept[2]
+    if not (bias.is_floating_point() and _may_keep(bias)):
         return bias
     cast = bias.detach().to(dtype)
-    _CASTS[bias] = (key, cast)
+    ident = id(bias)
+    _CASTS[ident] = (weakref.ref(bias, lambda _, ident=ident: _forget(ident)), key, cast)
     return cast
+
+
+def _forget(ident: int) -> None:
+    """Drop the entry of a bias that was freed (its weak reference's callback)."""
+    _CASTS.pop(ident, None)
 
 
 def _may_keep(bias: Tensor) -> bool:
