@@ -433,10 +433,9 @@ def profile(step: Callable[[], float], title: str, args) -> None:
         f"per step, wall {wall_ms:.1f} ms per step under the profiler",
         flush=True,
     )
-    sorts = [sort] if args.profile_sort == "device" else ["self_cpu_time_total"]
-    if args.profile_sort == "both" and sort != "self_cpu_time_total":
-        sorts.insert(0, sort)
-    for key in sorts:
+    host = "self_cpu_time_total"
+    sorts = {"device": [sort], "host": [host], "both": [sort, host]}[args.profile_sort]
+    for key in dict.fromkeys(sorts):  # on a CPU run both orders are the host's: one table
         table = prof.key_averages().table(
             sort_by=key, row_limit=args.profile_rows, max_name_column_width=60
         )
