@@ -15,6 +15,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+
+def _skip_config_yapf() -> None:
+    """In-process Runners print and dump their config through yapf, 1.4 s a config here
+    (15 s of an mmrotate train-resume-test test). Tests keep the text unformatted, which is
+    still the same Python; subprocess runs (tools/*.py) format as users see it."""
+    try:
+        from mmengine.config import config
+    except ImportError:  # the torch-only core's tests run without OpenMMLab
+        return
+    config.FormatCode = lambda text, **_: (text, False)
+
+
+_skip_config_yapf()
+
 # (case id, layer factory, input shape). Tiny sizes, odd and even, so FFT symmetry and
 # clipping edge cases are exercised.
 LAYERS = {
