@@ -56,16 +56,28 @@ def test_the_kept_copy_goes_with_its_bias():
     assert kept() is None and ident not in bias_cast._CASTS
 
 
+LAYERS = {  # (layer, input): a linear, and an ungrouped conv (LoRA-family: two thin convs)
+    "linear": (lambda: nn.Linear(16, 8), (5, 16)),
+    "conv": (lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1), (2, 4, 7, 7)),
+}
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("method", ["LoRA", "DoRA", "FLoRA", "FourierFT"])
-def test_adapted_layers_see_every_new_bias(method):
-    """Through the real forward (C++ node or Python function): a loaded bias, an in-place
-    change and a new parameter object each reach the output at once."""
+def test_adapted_layers_see_every_new_bias(method, layer):
+    """Through the real forward (C++ node, Python function or factored conv): a loaded
+    bias, an in-place change and a new parameter object each reach the output at once."""
     cfg = dict(type=method, targets=[r"fc"])
     cfg.update(dict(n=20) if method == "FourierFT" else dict(rank=4))
+    make_layer, shape = LAYERS[layer]
     model = nn.Sequential()
-    model.add_module("fc", nn.Linear(16, 8))
+    model.add_module("fc", make_layer())
     mm_spectral.inject(model, cfg)
-    x = torch.randn(5, 16)
+    with torch.no_grad():  # a non-zero ΔW, so the adapted path is the one that runs
+        for name, p in model.named_parameters():
+            if ".adapter." in name:
+                p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(shape)
 
     def run() -> torch.Tensor:
         with torch.autocast(**BF16):
@@ -73,9 +85,11 @@ def test_adapted_layers_see_every_new_bias(method):
 
     def expected(bias: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            merged = mm_spectral.merged_state_dict(model)
+            weight = mm_spectral.merged_state_dict(model)["fc.weight"]
         with torch.autocast(**BF16):
-            return nn.functional.linear(x, merged["fc.weight"], bias).float()
+            if layer == "linear":
+                return nn.functional.linear(x, weight, bias).float()
+            return model.fc._conv_forward(x, weight, bias).float()
 
     run()
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -242,7 +242,7 @@ class LowRankAdapter(BaseAdapter):
         down, up, scale = self.low_rank_factors()
         if self.spec.kind == "linear":
             return low_rank_linear(x, layer.weight, bias, down, up, scale)
-        base = layer_op(layer, x, layer.weight, bias)
+        base = layer_op(layer, x, layer.weight, compute_bias(bias, x))
         rank = down.shape[0]
         hidden = layer_op(layer, x, down.reshape(rank, *self.spec.weight_shape[1:]), None)
         up = up if scale == 1.0 else up * scale

@@ -212,9 +212,10 @@ class DoRA(LoRA):
         out = self.factored_forward(x, layer, None)
         # Output channels are axis 1 of a conv's output.
         scale = scale.to(out.dtype).view(-1, 1, 1)
-        if layer.bias is None:
+        bias = compute_bias(layer.bias, x)
+        if bias is None:
             return out * scale
-        return torch.addcmul(layer.bias.to(out.dtype).view(-1, 1, 1), out, scale)
+        return torch.addcmul(bias.to(out.dtype).view(-1, 1, 1), out, scale)
 
     def merged_weight(self, weight: Tensor) -> tuple[Tensor, Any]:
         direction = self._direction(weight)
