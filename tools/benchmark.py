@@ -36,6 +36,7 @@ from torch import nn  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import mm_spectral  # noqa: E402
+from mm_spectral.adapters.batched_spectra import has_batched_spectra  # noqa: E402
 from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 from mm_spectral.kernels import (  # noqa: E402
@@ -198,6 +199,9 @@ def train_step_fn(
     device_type = x.device.type
 
     features: Callable[[torch.Tensor], torch.Tensor] = model.forward_features
+    # As AdaptedBackbone: only where a group of same-shape layers is there to batch (FLoRA
+    # on ViT adapts linears alone, and the plan before each forward costs host time).
+    batched_spectra = batched_spectra and has_batched_spectra(model)
     if batched_spectra or mode in ("cuda-graph", "compile-model"):
         features = Features(model)  # a module call: its pre-hooks run, compile applies
     if mode == "compile-model":  # what AdaptedBackbone(compile=True) does for a backbone
@@ -240,7 +244,7 @@ class Prepared:
 
 LOW_RANK = ("LoRA", "DoRA", "FLoRA", "FoRA")  # the methods OPTIONS.rank_term applies to
 NATIVE = ("LoRA", "DoRA", "FLoRA", "FourierFT", "FoRA")  # methods with C++ nodes
-SPECTRAL = ("FourierFT", "FoRA")  # methods whose spectra can be built batched
+SPECTRAL = ("FourierFT", "FoRA", "FLoRA")  # methods whose ΔW builds can be batched
 # variant keys that set how it runs, not the adapter
 RUN_OPTIONS = ("rank_term", "native", "batched_spectra")
 BATCHED_TAGS = {"on": "batched", "off": "per-layer spectra"}
@@ -343,7 +347,7 @@ def with_run_options(step: Callable[[], float], options: dict[str, str]) -> Call
 
 def batched_spectra_for(label: str, args, option: str | None) -> bool:
     """Whether a variant builds its spectra batched: as its ``--batched-spectra`` option
-    says, else as ``AdaptedBackbone`` does by default (FourierFT / FoRA, eager)."""
+    says, else as ``AdaptedBackbone`` does by default (FourierFT / FoRA / FLoRA, eager)."""
     if option is not None:
         return option == "on"
     spectral = any(m in label for m in SPECTRAL)

@@ -10,8 +10,11 @@ batch, and one ``rfft2`` plus one gather in the backward.
   :func:`mm_spectral.adapters.spectral.sparse_spectrum_to_real` (same values, gradients);
 - :func:`batched_fourierft_deltas`, :func:`batched_fora_factors` — every adapter's
   ``delta()`` / ``low_rank_factors()`` for a list of same-shape adapters;
+  :func:`batched_flora_deltas` likewise for FLoRA on grouped (depthwise) convs, whose ΔW is
+  built every forward too (:mod:`mm_spectral.adapters.batched_tucker`);
 - :func:`enable_batched_spectra` — a forward pre-hook that plans, before each forward,
-  batched builds of a model's spectral ΔW / factors in chunks, each made by the first of its
+  batched builds of a model's spectral ΔW / factors (and FLoRA's grouped-conv ΔW) in
+  chunks, each made by the first of its
   layers to run, and hands each adapter its own (on by default in eager ``AdaptedBackbone``
   training; the layers' scatter slots are computed once and kept).
 """
@@ -30,6 +33,8 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from .base import is_adapted
+from .batched_tucker import batched_conv_tucker_deltas
+from .flora import FLoRA
 from .fora import FoRA
 from .fourierft import FourierFT
 from .stash import stash, stash_builder
@@ -210,6 +215,18 @@ def batched_fora_factors(
     return [(d, u, a.scale) for d, u, a in zip(downs.unbind(0), ups.unbind(0), adapters)]
 
 
+def batched_flora_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
+    """Each grouped-conv FLoRA adapter's ``delta()`` (float32, (out, in/groups·kh·kw)) from
+    one batched Tucker product (:mod:`mm_spectral.adapters.batched_tucker`)."""
+    _same_shape(
+        adapters, lambda a: (a.spec.weight_shape, a.core.shape, a.scale), "batched_flora_deltas"
+    )
+    deltas = batched_conv_tucker_deltas(
+        [a.core for a in adapters], [list(a.factors) for a in adapters], adapters[0].scale
+    )
+    return list(deltas.unbind(0))
+
+
 # --- use in the forward ---------------------------------------------------------------------
 
 
@@ -221,8 +238,9 @@ def _sharded(module: nn.Module) -> bool:
 
 
 def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """Unmerged FourierFT / FoRA adapters of ``model`` grouped by shape (groups of ≥ 2);
-    none when FSDP units sit inside ``model`` (their layers build their own spectra).
+    """Unmerged FourierFT / FoRA adapters, and FLoRA's on grouped convs, of ``model`` grouped
+    by shape (groups of ≥ 2); none when FSDP units sit inside ``model`` (their layers build
+    their own spectra).
 
     Walks ``_modules`` directly and stops at adapted layers (they hold only their adapter):
     run before every forward, ``model.modules()`` cost about 4 times as much host time.
@@ -247,6 +265,9 @@ def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
             found.append((("FourierFT", adapter.spec.matrix_shape), adapter))
         elif isinstance(adapter, FoRA):
             found.append((("FoRA", adapter.a_shape, adapter.b_shape), adapter))
+        elif isinstance(adapter, FLoRA) and not adapter.factored:  # grouped convs build ΔW
+            key = ("FLoRA", adapter.spec.weight_shape, tuple(adapter.core.shape), adapter.scale)
+            found.append((key, adapter))
     # The stack visits layers last-first: back in module order, a shared layer at its first
     # place (as model.modules() lists it).
     groups: dict[tuple, list[nn.Module]] = defaultdict(list)
@@ -267,6 +288,8 @@ def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> 
     """Build ``members``' spectra batched and stash each in its adapter."""
     if kind == "FourierFT":
         results: list[Any] = batched_fourierft_deltas(members, cache)
+    elif kind == "FLoRA":
+        results = batched_flora_deltas(members)
     else:
         results = batched_fora_factors(members, cache)
     for adapter, result in zip(members, results):
@@ -274,8 +297,8 @@ def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> 
 
 
 def build_batched_spectra(model: nn.Module, cache: SlotCache | None = None) -> int:
-    """Build every spectral ΔW (FourierFT) and factor pair (FoRA) of ``model`` now, in one
-    batched call per shape, and stash each in its adapter; returns the layers built.
+    """Build every spectral ΔW (FourierFT), factor pair (FoRA) and grouped-conv FLoRA ΔW of
+    ``model`` now, in one batched call per shape, and stash each in its adapter; returns the layers built.
     ``cache`` keeps each group's scatter slots between calls."""
     built = 0
     for kind, members in _groups(model):
@@ -289,7 +312,7 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 def _layer_bytes(adapter: nn.Module) -> int:
     """Bytes of what a batched build makes for one layer (float32 ΔW or factor pair)."""
-    if isinstance(adapter, FourierFT):
+    if isinstance(adapter, (FourierFT, FLoRA)):
         return 4 * math.prod(adapter.spec.matrix_shape)
     return 4 * (math.prod(adapter.a_shape) + math.prod(adapter.b_shape))
 

@@ -15,6 +15,7 @@ from ..kernels.native import native_ops
 from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
 from .bias_cast import compute_bias
 from .functional import eager_native, form_code, outside_autocast, scaled_mm
+from .stash import take_stash
 
 
 class _ConvTuckerDown(torch.autograd.Function):
@@ -114,6 +115,9 @@ class FLoRA(LowRankAdapter):
     def delta(self) -> Tensor:
         if len(self.factors) == 2:
             return super().delta()
+        prebuilt = take_stash(self)  # from mm_spectral.enable_batched_spectra
+        if prebuilt is not None:
+            return prebuilt
         return conv_tucker_down(self.core, self.factors, self.scale, with_up=True)
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:

@@ -51,7 +51,8 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
             adapters. Not with ``with_cp``; other shapes, eval and CPU run eagerly.
         batched_spectra: build the ΔW / factors of all same-shape FourierFT and FoRA
             layers with one FFT per forward (:func:`mm_spectral.enable_batched_spectra`)
-            instead of one per layer: fewer host ops in eager training. None (default):
+            instead of one per layer, and FLoRA's grouped-conv ΔW with one batched Tucker
+            product: fewer host ops in eager training. None (default):
             on when the backbone has such layers and neither ``cuda_graph`` nor
             ``compile`` is set. Not with ``cuda_graph`` (the graph replays its own builds).
         compile: True, or ``dict(targets=[regexes], **torch.compile kwargs)``, to run the

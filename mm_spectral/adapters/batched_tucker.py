@@ -1,0 +1,82 @@
+"""Many same-shape FLoRA conv ΔW builds as one batched Tucker product (pure torch).
+
+FLoRA builds the ΔW of a grouped (depthwise) conv every forward: s · U_out · G₍₁₎ ·
+(U_in ⊗ U_h ⊗ U_w)ᵀ, a handful of small ops forward and about a dozen backward per layer
+(:func:`mm_spectral.adapters.flora.conv_tucker_down`). ConvNeXt-V2-L has 36 depthwise
+convs in four shapes, so these builds are a few hundred host-bound launches per eager step.
+Here all layers of one shape (and core shape and scale) take the same ops once, batched over
+the layers: ``bmm`` for the GEMMs, broadcasts with a leading layer dimension for the
+Kronecker products, and a written-out backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .functional import outside_autocast
+
+
+def _kron(u_in: Tensor, u_h: Tensor, u_w: Tensor) -> tuple[Tensor, Tensor]:
+    """(U_h ⊗ U_w, U_in ⊗ U_h ⊗ U_w) per layer: (L, h·w, r_h·r_w), (L, i·h·w, r_in·r_h·r_w)."""
+    (layers, i, r_in), (_, h, r_h), (_, w, r_w) = u_in.shape, u_h.shape, u_w.shape
+    spatial = (u_h.view(layers, h, 1, r_h, 1) * u_w.view(layers, 1, w, 1, r_w)).view(
+        layers, h * w, r_h * r_w
+    )
+    kron = u_in.view(layers, i, 1, r_in, 1) * spatial.view(layers, 1, h * w, 1, r_h * r_w)
+    return spatial, kron.view(layers, i * h * w, r_in * r_h * r_w)
+
+
+class _BatchedConvTucker(torch.autograd.Function):
+    """ΔW_ℓ = scale · U_out,ℓ · G_ℓ₍₁₎ · (U_in,ℓ ⊗ U_h,ℓ ⊗ U_w,ℓ)ᵀ for L layers at once:
+    (L, out, in·kh·kw) float32. Inputs: the scale, then per layer core, U_out, U_in, U_h,
+    U_w (five tensors each, layer after layer)."""
+
+    @staticmethod
+    def forward(ctx, scale, *tensors):  # type: ignore[override]
+        parts = [torch.stack(tensors[k::5]) for k in range(5)]  # (L, …) per role
+        core, u_out, u_in, u_h, u_w = parts
+        unfolded = core.view(core.shape[0], core.shape[1], -1)
+        spatial, kron = _kron(u_in, u_h, u_w)
+        down = torch.bmm(unfolded, kron.transpose(1, 2))  # (L, J_out, i·h·w)
+        delta = torch.bmm(u_out, down)
+        ctx.save_for_backward(unfolded, u_out, u_in, u_h, u_w, spatial, kron, down)
+        ctx.scale, ctx.core_shape = scale, core.shape
+        return delta if scale == 1.0 else delta.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad_delta):  # type: ignore[override]
+        unfolded, u_out, u_in, u_h, u_w, spatial, kron, down = ctx.saved_tensors
+        (layers, i, r_in), (_, h, r_h), (_, w, r_w) = u_in.shape, u_h.shape, u_w.shape
+        g = grad_delta.to(unfolded.dtype)  # float32 (the build's dtype) whatever came back
+        g = g if ctx.scale == 1.0 else g * ctx.scale
+        grad_out = torch.bmm(g, down.transpose(1, 2))
+        grad_down = torch.bmm(u_out.transpose(1, 2), g)
+        grad_core = torch.bmm(grad_down, kron).view(ctx.core_shape)
+        grad_kron = torch.bmm(grad_down.transpose(1, 2), unfolded)
+        grad_kron = grad_kron.view(layers, i, h * w, r_in, r_h * r_w)
+        grad_in = (grad_kron * spatial.view(layers, 1, h * w, 1, r_h * r_w)).sum((2, 4))
+        grad_spatial = (grad_kron * u_in.view(layers, i, 1, r_in, 1)).sum((1, 3))
+        grad_spatial = grad_spatial.view(layers, h, w, r_h, r_w)
+        grad_h = (grad_spatial * u_w.view(layers, 1, w, 1, r_w)).sum((2, 4))
+        grad_w = (grad_spatial * u_h.view(layers, h, 1, r_h, 1)).sum((1, 3))
+        per_role = [grad_core, grad_out, grad_in, grad_h, grad_w]
+        grads = [g for layer in zip(*(p.unbind(0) for p in per_role)) for g in layer]
+        return (None, *grads)
+
+
+def batched_conv_tucker_deltas(
+    cores: Sequence[Tensor], factors: Sequence[Sequence[Tensor]], scale: float
+) -> Tensor:
+    """(L, out, in/groups·kh·kw) float32: layer ℓ's ``conv_tucker_down(cores[ℓ],
+    factors[ℓ], scale, with_up=True)``, all in one batched build (same shapes throughout).
+    Float32 under autocast too, as the per-layer build."""
+    if not cores:
+        raise ValueError("batched_conv_tucker_deltas needs at least one layer")
+    device_type = cores[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return outside_autocast(device_type, batched_conv_tucker_deltas, cores, factors, scale)
+    tensors = [t.float() for core, fs in zip(cores, factors) for t in (core, *fs)]
+    return _BatchedConvTucker.apply(float(scale), *tensors)

@@ -1,0 +1,162 @@
+"""FLoRA's grouped-conv ΔW built for many layers at once (adapters.batched_tucker): the same
+values and gradients as an einsum Tucker product and as the per-layer build, and through
+``enable_batched_spectra`` the same model outputs and gradients with fewer ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import mm_spectral
+from mm_spectral.adapters import batched_spectra
+from mm_spectral.adapters.batched_tucker import _BatchedConvTucker, batched_conv_tucker_deltas
+from mm_spectral.adapters.flora import conv_tucker_down
+
+from conftest import randomize_adapter
+
+SHAPES = {  # weight (out, in/groups, kh, kw), core: a depthwise 7x7 and a grouped 3x3
+    "depthwise": ((12, 1, 7, 7), (4, 1, 2, 2)),
+    "grouped": ((8, 2, 3, 3), (3, 2, 2, 3)),
+}
+
+
+def layer_tensors(weight_shape, core_shape, layers: int, dtype=torch.float32):
+    """Per layer: a core and its four factors, random and requiring gradients."""
+    out = []
+    for _ in range(layers):
+        core = torch.randn(core_shape, dtype=dtype, requires_grad=True)
+        factors = [
+            torch.randn(size, j, dtype=dtype, requires_grad=True)
+            for size, j in zip(weight_shape, core_shape)
+        ]
+        out.append((core, factors))
+    return out
+
+
+def einsum_delta(core, factors, scale):
+    """s · core ×₁ U₁ ×₂ U₂ ×₃ U₃ ×₄ U₄ written as one einsum (independent reference)."""
+    u1, u2, u3, u4 = factors
+    return scale * torch.einsum("abcd,oa,ib,hc,wd->oihw", core, u1, u2, u3, u4)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_batched_build_equals_einsum_and_per_layer_build(shape):
+    torch.manual_seed(0)
+    weight_shape, core_shape = SHAPES[shape]
+    layers = layer_tensors(weight_shape, core_shape, 3)
+    scale = 2.5
+    batched = batched_conv_tucker_deltas([c for c, _ in layers], [f for _, f in layers], scale)
+    assert batched.shape == (3, weight_shape[0], weight_shape[1] * 9 if shape == "grouped" else 49)
+    einsum = torch.stack([einsum_delta(c, f, scale).flatten(1) for c, f in layers])
+    single = torch.stack([conv_tucker_down(c, f, scale, with_up=True) for c, f in layers])
+    torch.testing.assert_close(batched, einsum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+    params = [t for c, f in layers for t in (c, *f)]
+    probe = torch.randn_like(batched)
+    got = torch.autograd.grad((batched * probe).sum(), params)
+    want = torch.autograd.grad((einsum * probe).sum(), params)
+    for g, w in zip(got, want):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1.0, -0.7])
+def test_batched_build_passes_gradcheck(scale):
+    torch.manual_seed(1)
+    weight_shape, core_shape = (4, 2, 3, 2), (2, 2, 2, 1)
+    tensors = [t for c, f in layer_tensors(weight_shape, core_shape, 2, torch.float64)
+               for t in (c, *f)]  # fmt: skip
+    assert torch.autograd.gradcheck(lambda *t: _BatchedConvTucker.apply(scale, *t), tensors)
+
+
+def test_batched_build_is_float32_under_autocast():
+    torch.manual_seed(0)
+    layers = layer_tensors(*SHAPES["depthwise"], 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batched = batched_conv_tucker_deltas([c for c, _ in layers], [f for _, f in layers], 4.0)
+    assert batched.dtype == torch.float32
+    want = torch.stack([einsum_delta(c, f, 4.0).flatten(1) for c, f in layers])
+    torch.testing.assert_close(batched, want, rtol=1e-5, atol=1e-5)
+
+
+class DepthwiseStack(nn.Module):
+    """Three same-shape depthwise 7x7 convs (one batch) and one 3x3 (built alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.ModuleList(nn.Conv2d(8, 8, 7, padding=3, groups=8) for _ in range(3))
+        self.other = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)  # ungrouped: FLoRA's factored path, not batched
+
+    def forward(self, x):
+        for conv in self.dw:
+            x = torch.tanh(conv(x))
+        return self.pw(self.other(x))
+
+
+def flora_stack() -> nn.Module:
+    torch.manual_seed(0)
+    model = DepthwiseStack()
+    cfg = dict(type="FLoRA", rank=4, kernel_rank=2, scale=2.0, targets=[r"dw\.\d", "other", "pw"])
+    mm_spectral.inject(model, cfg)
+    for _, layer in mm_spectral.adapted_layers(model):
+        randomize_adapter(layer.adapter)
+    return model
+
+
+def top_level_ops(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def test_enable_batched_spectra_batches_flora_depthwise_convs(monkeypatch):
+    model = flora_stack()
+    x = torch.randn(2, 8, 9, 9)
+    params = [p for n, p in model.named_parameters() if ".adapter." in n]
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x).float()
+        return y, torch.autograd.grad(y.square().sum(), params)
+
+    y_ref, ref = step()
+    per_layer_ops = top_level_ops(step)
+    assert batched_spectra.has_batched_spectra(model)
+    built = []
+    original = batched_spectra.batched_flora_deltas
+    monkeypatch.setattr(
+        batched_spectra, "batched_flora_deltas", lambda a: built.append(len(a)) or original(a)
+    )
+    handle = mm_spectral.enable_batched_spectra(model)
+    try:
+        y, got = step()
+        assert built == [3]  # the three 7x7 layers together; the 3x3 and the 1x1 alone
+        batched_ops = top_level_ops(step)
+        left = [
+            k for m in model.modules() for k in vars(m) if k.startswith(("_prebuilt", "_stash"))
+        ]
+        assert not left, "stash or builder left over"
+    finally:
+        handle.remove()
+    torch.testing.assert_close(y, y_ref)
+    for g, w in zip(got, ref):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert batched_ops < per_layer_ops, (batched_ops, per_layer_ops)
+
+
+def test_flora_groups_keep_scales_and_core_shapes_apart():
+    """Layers batch together only with the same weight shape, core shape and scale."""
+    model = DepthwiseStack()
+    mm_spectral.inject(model, dict(type="FLoRA", rank=4, scale=2.0, targets=[r"dw\.[01]"]))
+    mm_spectral.inject(model, dict(type="FLoRA", rank=4, scale=3.0, targets=[r"dw\.2"]))
+    groups = batched_spectra._groups(model)
+    assert [(kind, len(members)) for kind, members in groups] == [("FLoRA", 2)]
