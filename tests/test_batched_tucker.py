@@ -11,7 +11,12 @@ from torch.profiler import ProfilerActivity, profile
 
 import mm_spectral
 from mm_spectral.adapters import batched_spectra
-from mm_spectral.adapters.batched_tucker import _BatchedConvTucker, batched_conv_tucker_deltas
+from mm_spectral.adapters.batched_tucker import (
+    _BatchedConvTucker,
+    _BatchedCoreProduct,
+    batched_conv_tucker_deltas,
+    batched_core_products,
+)
 from mm_spectral.adapters.flora import conv_tucker_down
 
 from conftest import randomize_adapter
@@ -160,3 +165,71 @@ def test_flora_groups_keep_scales_and_core_shapes_apart():
     mm_spectral.inject(model, dict(type="FLoRA", rank=4, scale=3.0, targets=[r"dw\.2"]))
     groups = batched_spectra._groups(model)
     assert [(kind, len(members)) for kind, members in groups] == [("FLoRA", 2)]
+
+
+def test_batched_core_products_equal_per_layer_products():
+    torch.manual_seed(2)
+    cores = [torch.randn(5, 4, requires_grad=True) for _ in range(3)]
+    u_in = [torch.randn(11, 4, requires_grad=True) for _ in range(3)]
+    batched = batched_core_products(cores, u_in, -1.5)
+    want = torch.stack([-1.5 * torch.einsum("ab,ib->ai", c, u) for c, u in zip(cores, u_in)])
+    torch.testing.assert_close(batched, want)
+    probe = torch.randn_like(want)
+    params = [*cores, *u_in]
+    got = torch.autograd.grad((batched * probe).sum(), params)
+    ref = torch.autograd.grad((want * probe).sum(), params)
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g, w)
+    tensors = [t.detach().double().requires_grad_() for pair in zip(cores, u_in) for t in pair]
+    assert torch.autograd.gradcheck(lambda *t: _BatchedCoreProduct.apply(0.5, *t), tensors)
+
+
+class LinearStack(nn.Module):
+    """Three same-shape linears (one batch) and one of another shape (built alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(12, 12) for _ in range(3))
+        self.head = nn.Linear(12, 6)
+
+    def forward(self, x):
+        for fc in self.fc:
+            x = torch.tanh(fc(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_enable_batched_spectra_batches_flora_linears(autocast, monkeypatch):
+    torch.manual_seed(0)
+    model = LinearStack()
+    mm_spectral.inject(model, dict(type="FLoRA", rank=4, scale=3.0, targets=[r"fc\.\d", "head"]))
+    for _, layer in mm_spectral.adapted_layers(model):
+        randomize_adapter(layer.adapter)
+    x = torch.randn(2, 5, 12)
+    params = [p for n, p in model.named_parameters() if ".adapter." in n]
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(x).float()
+        return y, torch.autograd.grad(y.square().sum(), params)
+
+    y_ref, ref = step()
+    per_layer_ops = top_level_ops(step)
+    built = []
+    original = batched_spectra.batched_flora_downs
+    monkeypatch.setattr(
+        batched_spectra, "batched_flora_downs", lambda a: built.append(len(a)) or original(a)
+    )
+    handle = mm_spectral.enable_batched_spectra(model)
+    try:
+        y, got = step()
+        assert built == [3]  # the three 12x12 layers together; the head alone
+        batched_ops = top_level_ops(step)
+    finally:
+        handle.remove()
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **tol)
+    for g, w in zip(got, ref):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, **tol)
+    assert batched_ops < per_layer_ops, (batched_ops, per_layer_ops)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 pytest.importorskip("mmengine")
 
@@ -120,11 +121,14 @@ def test_compile_option_compiles_in_place_and_refuses_other_step_switches():
 class TwinLinearToy(BaseModule):
     """Two same-shape linears: one shape group for batched spectra."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_cp: bool = False) -> None:
         super().__init__()
+        self.with_cp = with_cp  # as the project's backbones: checkpointing per block
         self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
 
     def forward(self, x):
+        if self.with_cp and torch.is_grad_enabled():
+            return checkpoint(lambda t: self.b(torch.tanh(self.a(t))), x, use_reentrant=False)
         return self.b(torch.tanh(self.a(x)))
 
 
@@ -179,12 +183,44 @@ def test_batched_spectra_default_is_on_for_eager_spectral_backbones_only():
     assert built(fourier).mm_spectral_cfg["batched_spectra"] is True
     assert built(dict(type="FoRA", n=12, rank=4)).mm_spectral_cfg["batched_spectra"] is True
     assert built(dict(type="LoRA")).mm_spectral_cfg["batched_spectra"] is False
+    flora = dict(type="FLoRA", rank=4)  # its core products batch too
+    assert built(flora).mm_spectral_cfg["batched_spectra"] is True
     for switch in ("cuda_graph", "compile"):
         assert built(fourier, **{switch: True}).mm_spectral_cfg["batched_spectra"] is False
     assert built(fourier, batched_spectra=False).mm_spectral_cfg["batched_spectra"] is False
     one_layer = MODELS.build(dict(type="AdaptedBackbone", backbone=dict(type="TwinLinearToy"),
                                   adapter=dict(fourier, targets=["a"])))  # fmt: skip
     assert one_layer.mm_spectral_cfg["batched_spectra"] is False  # nothing to batch
+
+
+@pytest.mark.parametrize("method", ["FLoRA", "FourierFT"])
+def test_batched_spectra_stay_off_under_activation_checkpointing(method):
+    """with_cp recomputes each block in the backward, where a build made once per forward is
+    gone: off by default (the step then matches the plain model), refused when asked for."""
+    cfg = dict(
+        type=method, targets=["a", "b"], **(dict(rank=4) if method == "FLoRA" else dict(n=12))
+    )
+
+    def build(**switches):
+        torch.manual_seed(0)
+        model = MODELS.build(dict(type="AdaptedBackbone", adapter=cfg, **switches))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".adapter." in name:
+                    param.normal_(0, 0.1)
+        return model
+
+    checkpointed = build(backbone=dict(type="TwinLinearToy", with_cp=True))
+    assert checkpointed.mm_spectral_cfg["batched_spectra"] is False
+    plain = build(backbone=dict(type="TwinLinearToy"))
+    x = torch.randn(3, 16)
+    for model in (checkpointed, plain):
+        model(x).square().sum().backward()
+    for (name, p), q in zip(checkpointed.named_parameters(), plain.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    with pytest.raises(ValueError, match="with_cp"):
+        build(backbone=dict(type="TwinLinearToy", with_cp=True), batched_spectra=True)
 
 
 def test_init_weights_keeps_grads_adapters_and_summarises_missing_keys(tmp_path):

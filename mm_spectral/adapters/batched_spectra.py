@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from .base import is_adapted
-from .batched_tucker import batched_conv_tucker_deltas
+from .batched_tucker import batched_conv_tucker_deltas, batched_core_products
 from .flora import FLoRA
 from .fora import FoRA
 from .fourierft import FourierFT
@@ -227,6 +227,18 @@ def batched_flora_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
     return list(deltas.unbind(0))
 
 
+def batched_flora_downs(adapters: Sequence[FLoRA]) -> list[Tensor]:
+    """Each linear FLoRA adapter's down factor s · core U_inᵀ (float32, (J_out, in)) from
+    one batched ``bmm``; its forward then runs as a plain low-rank linear with up = U_out."""
+    _same_shape(
+        adapters, lambda a: (a.spec.weight_shape, a.core.shape, a.scale), "batched_flora_downs"
+    )
+    downs = batched_core_products(
+        [a.core for a in adapters], [a.factors[1] for a in adapters], adapters[0].scale
+    )
+    return list(downs.unbind(0))
+
+
 # --- use in the forward ---------------------------------------------------------------------
 
 
@@ -265,8 +277,11 @@ def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
             found.append((("FourierFT", adapter.spec.matrix_shape), adapter))
         elif isinstance(adapter, FoRA):
             found.append((("FoRA", adapter.a_shape, adapter.b_shape), adapter))
+        elif isinstance(adapter, FLoRA) and adapter.spec.kind == "linear":  # down factors
+            key = ("FLoRA-linear", adapter.spec.weight_shape, adapter.core.shape, adapter.scale)
+            found.append((key, adapter))
         elif isinstance(adapter, FLoRA) and not adapter.factored:  # grouped convs build ΔW
-            key = ("FLoRA", adapter.spec.weight_shape, tuple(adapter.core.shape), adapter.scale)
+            key = ("FLoRA", adapter.spec.weight_shape, adapter.core.shape, adapter.scale)
             found.append((key, adapter))
     # The stack visits layers last-first: back in module order, a shared layer at its first
     # place (as model.modules() lists it).
@@ -290,6 +305,8 @@ def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> 
         results: list[Any] = batched_fourierft_deltas(members, cache)
     elif kind == "FLoRA":
         results = batched_flora_deltas(members)
+    elif kind == "FLoRA-linear":
+        results = batched_flora_downs(members)
     else:
         results = batched_fora_factors(members, cache)
     for adapter, result in zip(members, results):
@@ -312,6 +329,8 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 def _layer_bytes(adapter: nn.Module) -> int:
     """Bytes of what a batched build makes for one layer (float32 ΔW or factor pair)."""
+    if isinstance(adapter, FLoRA) and adapter.spec.kind == "linear":
+        return 4 * adapter.core.shape[0] * adapter.spec.weight_shape[1]
     if isinstance(adapter, (FourierFT, FLoRA)):
         return 4 * math.prod(adapter.spec.matrix_shape)
     return 4 * (math.prod(adapter.a_shape) + math.prod(adapter.b_shape))

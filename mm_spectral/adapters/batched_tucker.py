@@ -1,12 +1,14 @@
-"""Many same-shape FLoRA conv ΔW builds as one batched Tucker product (pure torch).
+"""Many same-shape FLoRA Tucker products as one batched build (pure torch).
 
-FLoRA builds the ΔW of a grouped (depthwise) conv every forward: s · U_out · G₍₁₎ ·
-(U_in ⊗ U_h ⊗ U_w)ᵀ, a handful of small ops forward and about a dozen backward per layer
-(:func:`mm_spectral.adapters.flora.conv_tucker_down`). ConvNeXt-V2-L has 36 depthwise
-convs in four shapes, so these builds are a few hundred host-bound launches per eager step.
-Here all layers of one shape (and core shape and scale) take the same ops once, batched over
-the layers: ``bmm`` for the GEMMs, broadcasts with a leading layer dimension for the
-Kronecker products, and a written-out backward.
+FLoRA multiplies its core by factors every forward: on a grouped (depthwise) conv the whole
+ΔW = s · U_out · G₍₁₎ · (U_in ⊗ U_h ⊗ U_w)ᵀ, a handful of small ops forward and about a dozen
+backward per layer (:func:`mm_spectral.adapters.flora.conv_tucker_down`); on a linear the
+down factor s · G U_inᵀ, one GEMM forward and two backward. ConvNeXt-V2-L has 36 depthwise
+convs in four shapes and 72 linears in eight, ViT-L 96 linears in four, so these products
+are hundreds of host-bound launches per eager step. Here all layers of one shape (and core
+shape and scale) take the same ops once, batched over the layers: ``bmm`` for the GEMMs,
+broadcasts with a leading layer dimension for the Kronecker products, and written-out
+backwards.
 """
 
 from __future__ import annotations
@@ -78,5 +80,44 @@ def batched_conv_tucker_deltas(
     device_type = cores[0].device.type
     if torch.is_autocast_enabled(device_type):
         return outside_autocast(device_type, batched_conv_tucker_deltas, cores, factors, scale)
-    tensors = [t.float() for core, fs in zip(cores, factors) for t in (core, *fs)]
+    tensors = [_float(t) for core, fs in zip(cores, factors) for t in (core, *fs)]
     return _BatchedConvTucker.apply(float(scale), *tensors)
+
+
+def _float(t: Tensor) -> Tensor:
+    """``t`` in float32 (no ``to`` call for a float32 parameter: one host op less each)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+class _BatchedCoreProduct(torch.autograd.Function):
+    """down_ℓ = scale · G_ℓ U_in,ℓᵀ for L linear layers at once: (L, J_out, in) float32.
+    Inputs: the scale, then per layer its core (J_out, J_in) and U_in (in, J_in)."""
+
+    @staticmethod
+    def forward(ctx, scale, *tensors):  # type: ignore[override]
+        cores, u_in = torch.stack(tensors[0::2]), torch.stack(tensors[1::2])
+        down = torch.bmm(cores, u_in.transpose(1, 2))
+        ctx.save_for_backward(cores, u_in)
+        ctx.scale = scale
+        return down if scale == 1.0 else down.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad_down):  # type: ignore[override]
+        cores, u_in = ctx.saved_tensors
+        g = grad_down.to(cores.dtype)
+        g = g if ctx.scale == 1.0 else g * ctx.scale
+        grad_cores = torch.bmm(g, u_in).unbind(0)
+        grad_u_in = torch.bmm(g.transpose(1, 2), cores).unbind(0)
+        return (None, *(t for pair in zip(grad_cores, grad_u_in) for t in pair))
+
+
+def batched_core_products(cores: Sequence[Tensor], u_in: Sequence[Tensor], scale: float) -> Tensor:
+    """(L, J_out, in) float32: layer ℓ's FLoRA linear down factor scale · cores[ℓ] u_in[ℓ]ᵀ,
+    all in one ``bmm`` (same shapes throughout). Float32 under autocast too."""
+    if not cores:
+        raise ValueError("batched_core_products needs at least one layer")
+    device_type = cores[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return outside_autocast(device_type, batched_core_products, cores, u_in, scale)
+    tensors = [_float(t) for pair in zip(cores, u_in) for t in pair]
+    return _BatchedCoreProduct.apply(float(scale), *tensors)

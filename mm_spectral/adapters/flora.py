@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..kernels.native import native_ops
 from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
 from .bias_cast import compute_bias
-from .functional import eager_native, form_code, outside_autocast, scaled_mm
+from .functional import eager_native, form_code, low_rank_linear, outside_autocast, scaled_mm
 from .stash import take_stash
 
 
@@ -138,11 +138,16 @@ class FLoRA(LowRankAdapter):
         return conv_tucker_down(self.core, self.factors, self.scale), self.factors[0], 1.0
 
     def factored_forward(self, x: Tensor, layer: nn.Module, bias: Tensor | None) -> Tensor:
-        """On a linear in an eager step, the core product runs inside the C++ node
-        (:mod:`mm_spectral.kernels.native`); elsewhere as for every low-rank adapter."""
+        """On a linear: the down factor from a batched build where one was planned
+        (:func:`mm_spectral.enable_batched_spectra`), else in an eager step the core
+        product inside the C++ node (:mod:`mm_spectral.kernels.native`); elsewhere as for
+        every low-rank adapter."""
         if self.spec.kind == "linear":
             factors = self.factors  # two lookups, not ParameterList's iterator (per step)
             u_out, u_in = factors[0], factors[1]
+            down = take_stash(self)
+            if down is not None:  # s · core U_inᵀ already
+                return low_rank_linear(x, layer.weight, bias, down, u_out, 1.0)
             native = eager_native(x, layer.weight, u_out)
             if native is not None:
                 form = form_code(x, layer.weight, u_out)

@@ -51,10 +51,11 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
             adapters. Not with ``with_cp``; other shapes, eval and CPU run eagerly.
         batched_spectra: build the ΔW / factors of all same-shape FourierFT and FoRA
             layers with one FFT per forward (:func:`mm_spectral.enable_batched_spectra`)
-            instead of one per layer, and FLoRA's grouped-conv ΔW with one batched Tucker
-            product: fewer host ops in eager training. None (default):
-            on when the backbone has such layers and neither ``cuda_graph`` nor
-            ``compile`` is set. Not with ``cuda_graph`` (the graph replays its own builds).
+            instead of one per layer, and FLoRA's Tucker products (grouped-conv ΔW, linear
+            down factors) batched likewise: fewer host ops in eager training. None (default):
+            on when the backbone has such layers and none of ``cuda_graph``, ``compile``
+            and the backbone's ``with_cp`` is set. Not with ``cuda_graph`` (the graph
+            replays its own builds) nor ``with_cp`` (its recomputation builds per layer).
         compile: True, or ``dict(targets=[regexes], **torch.compile kwargs)``, to run the
             backbone (or the modules ``targets`` names, e.g. its blocks) through
             ``torch.compile`` (:func:`mm_spectral.compile.compile_modules`): the adapters'
@@ -76,9 +77,16 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
         freeze(inner, trainable)
     if frozen_dtype is not None:
         cast_frozen(inner, getattr(torch, frozen_dtype))
+    checkpointed = getattr(inner, "with_cp", False)
     if batched_spectra is None:
-        batched_spectra = not (cuda_graph or compile) and has_batched_spectra(inner)
+        batched_spectra = not (cuda_graph or compile or checkpointed) and has_batched_spectra(inner)
     if batched_spectra:
+        if checkpointed:
+            raise ValueError(
+                "batched_spectra=True hands each layer a build made once per forward, which "
+                "with_cp's recomputation in the backward cannot take again; use one of "
+                "batched_spectra and with_cp"
+            )
         if cuda_graph:
             raise ValueError(
                 "batched_spectra=True builds spectra before the forward, outside a captured "
