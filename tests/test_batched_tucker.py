@@ -122,13 +122,14 @@ def top_level_ops(fn) -> int:
     )
 
 
-def test_enable_batched_spectra_batches_flora_depthwise_convs(monkeypatch):
-    model = flora_stack()
-    x = torch.randn(2, 8, 9, 9)
+def check_batched_against_per_layer(model, x, builder: str, monkeypatch, autocast: bool, tol):
+    """One step per layer, then with ``enable_batched_spectra``: equal outputs and adapter
+    gradients, one build of the 3 same-shape layers by ``builder``, no stash left over,
+    fewer top-level ops."""
     params = [p for n, p in model.named_parameters() if ".adapter." in n]
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = model(x).float()
         return y, torch.autograd.grad(y.square().sum(), params)
 
@@ -136,14 +137,12 @@ def test_enable_batched_spectra_batches_flora_depthwise_convs(monkeypatch):
     per_layer_ops = top_level_ops(step)
     assert batched_spectra.has_batched_spectra(model)
     built = []
-    original = batched_spectra.batched_flora_deltas
-    monkeypatch.setattr(
-        batched_spectra, "batched_flora_deltas", lambda a: built.append(len(a)) or original(a)
-    )
+    original = getattr(batched_spectra, builder)
+    monkeypatch.setattr(batched_spectra, builder, lambda a: built.append(len(a)) or original(a))
     handle = mm_spectral.enable_batched_spectra(model)
     try:
         y, got = step()
-        assert built == [3]  # the three 7x7 layers together; the 3x3 and the 1x1 alone
+        assert built == [3]  # the three same-shape layers together; the others alone
         batched_ops = top_level_ops(step)
         left = [
             k for m in model.modules() for k in vars(m) if k.startswith(("_prebuilt", "_stash"))
@@ -151,11 +150,19 @@ def test_enable_batched_spectra_batches_flora_depthwise_convs(monkeypatch):
         assert not left, "stash or builder left over"
     finally:
         handle.remove()
-    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(y, y_ref, **tol)
     for g, w in zip(got, ref):
         assert w.abs().max() > 0
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, w, **tol)
     assert batched_ops < per_layer_ops, (batched_ops, per_layer_ops)
+
+
+def test_enable_batched_spectra_batches_flora_depthwise_convs(monkeypatch):
+    """The three 7x7 layers batch; the 3x3 and the (factored) 1x1 build alone."""
+    check_batched_against_per_layer(
+        flora_stack(), torch.randn(2, 8, 9, 9), "batched_flora_deltas", monkeypatch,
+        autocast=True, tol=dict(rtol=1e-5, atol=1e-5),
+    )  # fmt: skip
 
 
 def test_flora_groups_keep_scales_and_core_shapes_apart():
@@ -200,36 +207,13 @@ class LinearStack(nn.Module):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_enable_batched_spectra_batches_flora_linears(autocast, monkeypatch):
+    """The three 12x12 linears batch their down factors; the head builds alone."""
     torch.manual_seed(0)
     model = LinearStack()
     mm_spectral.inject(model, dict(type="FLoRA", rank=4, scale=3.0, targets=[r"fc\.\d", "head"]))
     for _, layer in mm_spectral.adapted_layers(model):
         randomize_adapter(layer.adapter)
-    x = torch.randn(2, 5, 12)
-    params = [p for n, p in model.named_parameters() if ".adapter." in n]
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = model(x).float()
-        return y, torch.autograd.grad(y.square().sum(), params)
-
-    y_ref, ref = step()
-    per_layer_ops = top_level_ops(step)
-    built = []
-    original = batched_spectra.batched_flora_downs
-    monkeypatch.setattr(
-        batched_spectra, "batched_flora_downs", lambda a: built.append(len(a)) or original(a)
-    )
-    handle = mm_spectral.enable_batched_spectra(model)
-    try:
-        y, got = step()
-        assert built == [3]  # the three 12x12 layers together; the head alone
-        batched_ops = top_level_ops(step)
-    finally:
-        handle.remove()
     tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y, y_ref, **tol)
-    for g, w in zip(got, ref):
-        assert w.abs().max() > 0
-        torch.testing.assert_close(g, w, **tol)
-    assert batched_ops < per_layer_ops, (batched_ops, per_layer_ops)
+    check_batched_against_per_layer(
+        model, torch.randn(2, 5, 12), "batched_flora_downs", monkeypatch, autocast, tol
+    )
