@@ -10,12 +10,12 @@ batch, and one ``rfft2`` plus one gather in the backward.
   :func:`mm_spectral.adapters.spectral.sparse_spectrum_to_real` (same values, gradients);
 - :func:`batched_fourierft_deltas`, :func:`batched_fora_factors` — every adapter's
   ``delta()`` / ``low_rank_factors()`` for a list of same-shape adapters;
-  :func:`batched_flora_deltas` likewise for FLoRA on grouped (depthwise) convs, whose ΔW is
-  built every forward too (:mod:`mm_spectral.adapters.batched_tucker`);
+  :func:`batched_flora_deltas` / :func:`batched_flora_downs` likewise for FLoRA's Tucker
+  products, built every forward too: a grouped conv's ΔW, a linear's down factor
+  (:mod:`mm_spectral.adapters.batched_tucker`);
 - :func:`enable_batched_spectra` — a forward pre-hook that plans, before each forward,
-  batched builds of a model's spectral ΔW / factors (and FLoRA's grouped-conv ΔW) in
-  chunks, each made by the first of its
-  layers to run, and hands each adapter its own (on by default in eager ``AdaptedBackbone``
+  batched builds of a model's spectral ΔW / factors (and FLoRA's Tucker products) in
+  chunks, each made by the first of its layers to run, and hands each adapter its own (on by default in eager ``AdaptedBackbone``
   training; the layers' scatter slots are computed once and kept).
 """
 
@@ -215,12 +215,15 @@ def batched_fora_factors(
     return [(d, u, a.scale) for d, u, a in zip(downs.unbind(0), ups.unbind(0), adapters)]
 
 
+def _flora_shapes(adapter: FLoRA) -> tuple:
+    """What FLoRA layers must share to be built together: weight and core shapes, scale."""
+    return adapter.spec.weight_shape, adapter.core.shape, adapter.scale
+
+
 def batched_flora_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
     """Each grouped-conv FLoRA adapter's ``delta()`` (float32, (out, in/groups·kh·kw)) from
     one batched Tucker product (:mod:`mm_spectral.adapters.batched_tucker`)."""
-    _same_shape(
-        adapters, lambda a: (a.spec.weight_shape, a.core.shape, a.scale), "batched_flora_deltas"
-    )
+    _same_shape(adapters, _flora_shapes, "batched_flora_deltas")
     deltas = batched_conv_tucker_deltas(
         [a.core for a in adapters], [list(a.factors) for a in adapters], adapters[0].scale
     )
@@ -230,9 +233,7 @@ def batched_flora_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
 def batched_flora_downs(adapters: Sequence[FLoRA]) -> list[Tensor]:
     """Each linear FLoRA adapter's down factor s · core U_inᵀ (float32, (J_out, in)) from
     one batched ``bmm``; its forward then runs as a plain low-rank linear with up = U_out."""
-    _same_shape(
-        adapters, lambda a: (a.spec.weight_shape, a.core.shape, a.scale), "batched_flora_downs"
-    )
+    _same_shape(adapters, _flora_shapes, "batched_flora_downs")
     downs = batched_core_products(
         [a.core for a in adapters], [a.factors[1] for a in adapters], adapters[0].scale
     )
@@ -250,8 +251,8 @@ def _sharded(module: nn.Module) -> bool:
 
 
 def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """Unmerged FourierFT / FoRA adapters, and FLoRA's on grouped convs, of ``model`` grouped
-    by shape (groups of ≥ 2); none when FSDP units sit inside ``model`` (their layers build
+    """Unmerged FourierFT / FoRA / FLoRA adapters (FLoRA's on linears and grouped convs) of
+    ``model`` grouped by shape (groups of ≥ 2); none when FSDP units sit inside ``model`` (their layers build
     their own spectra).
 
     Walks ``_modules`` directly and stops at adapted layers (they hold only their adapter):
@@ -277,12 +278,10 @@ def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
             found.append((("FourierFT", adapter.spec.matrix_shape), adapter))
         elif isinstance(adapter, FoRA):
             found.append((("FoRA", adapter.a_shape, adapter.b_shape), adapter))
-        elif isinstance(adapter, FLoRA) and adapter.spec.kind == "linear":  # down factors
-            key = ("FLoRA-linear", adapter.spec.weight_shape, adapter.core.shape, adapter.scale)
-            found.append((key, adapter))
-        elif isinstance(adapter, FLoRA) and not adapter.factored:  # grouped convs build ΔW
-            key = ("FLoRA", adapter.spec.weight_shape, adapter.core.shape, adapter.scale)
-            found.append((key, adapter))
+        elif isinstance(adapter, FLoRA) and (adapter.spec.kind == "linear" or not adapter.factored):
+            # a linear's down factor or a grouped conv's ΔW (ungrouped convs build per layer)
+            kind = "FLoRA-linear" if adapter.spec.kind == "linear" else "FLoRA"
+            found.append(((kind, *_flora_shapes(adapter)), adapter))
     # The stack visits layers last-first: back in module order, a shared layer at its first
     # place (as model.modules() lists it).
     groups: dict[tuple, list[nn.Module]] = defaultdict(list)
@@ -314,8 +313,9 @@ def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> 
 
 
 def build_batched_spectra(model: nn.Module, cache: SlotCache | None = None) -> int:
-    """Build every spectral ΔW (FourierFT), factor pair (FoRA) and grouped-conv FLoRA ΔW of
-    ``model`` now, in one batched call per shape, and stash each in its adapter; returns the layers built.
+    """Build every spectral ΔW (FourierFT), factor pair (FoRA) and FLoRA Tucker product of
+    ``model`` now, in one batched call per shape, and stash each in its adapter; returns
+    the layers built.
     ``cache`` keeps each group's scatter slots between calls."""
     built = 0
     for kind, members in _groups(model):
