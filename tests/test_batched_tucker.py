@@ -7,18 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import mm_spectral
 from mm_spectral.adapters import batched_spectra
 from mm_spectral.adapters.batched_tucker import (
     _BatchedConvTucker,
-    _BatchedCoreProduct,
+    _BatchedProduct,
     batched_conv_tucker_deltas,
     batched_core_products,
 )
 from mm_spectral.adapters.flora import conv_tucker_down
 
+from batched_checks import DEVICES, DepthwiseStack, check_batched_against_per_layer
 from conftest import randomize_adapter
 
 SHAPES = {  # weight (out, in/groups, kh, kw), core: a depthwise 7x7 and a grouped 3x3
@@ -27,13 +27,13 @@ SHAPES = {  # weight (out, in/groups, kh, kw), core: a depthwise 7x7 and a group
 }
 
 
-def layer_tensors(weight_shape, core_shape, layers: int, dtype=torch.float32):
+def layer_tensors(weight_shape, core_shape, layers: int, dtype=torch.float32, device="cpu"):
     """Per layer: a core and its four factors, random and requiring gradients."""
     out = []
     for _ in range(layers):
-        core = torch.randn(core_shape, dtype=dtype, requires_grad=True)
+        core = torch.randn(core_shape, dtype=dtype, device=device, requires_grad=True)
         factors = [
-            torch.randn(size, j, dtype=dtype, requires_grad=True)
+            torch.randn(size, j, dtype=dtype, device=device, requires_grad=True)
             for size, j in zip(weight_shape, core_shape)
         ]
         out.append((core, factors))
@@ -46,11 +46,12 @@ def einsum_delta(core, factors, scale):
     return scale * torch.einsum("abcd,oa,ib,hc,wd->oihw", core, u1, u2, u3, u4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_batched_build_equals_einsum_and_per_layer_build(shape):
+def test_batched_build_equals_einsum_and_per_layer_build(shape, device):
     torch.manual_seed(0)
     weight_shape, core_shape = SHAPES[shape]
-    layers = layer_tensors(weight_shape, core_shape, 3)
+    layers = layer_tensors(weight_shape, core_shape, 3, device=device)
     scale = 2.5
     batched = batched_conv_tucker_deltas([c for c, _ in layers], [f for _, f in layers], scale)
     assert batched.shape == (3, weight_shape[0], weight_shape[1] * 9 if shape == "grouped" else 49)
@@ -76,29 +77,15 @@ def test_batched_build_passes_gradcheck(scale):
     assert torch.autograd.gradcheck(lambda *t: _BatchedConvTucker.apply(scale, *t), tensors)
 
 
-def test_batched_build_is_float32_under_autocast():
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_build_is_float32_under_autocast(device):
     torch.manual_seed(0)
-    layers = layer_tensors(*SHAPES["depthwise"], 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    layers = layer_tensors(*SHAPES["depthwise"], 2, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         batched = batched_conv_tucker_deltas([c for c, _ in layers], [f for _, f in layers], 4.0)
     assert batched.dtype == torch.float32
     want = torch.stack([einsum_delta(c, f, 4.0).flatten(1) for c, f in layers])
     torch.testing.assert_close(batched, want, rtol=1e-5, atol=1e-5)
-
-
-class DepthwiseStack(nn.Module):
-    """Three same-shape depthwise 7x7 convs (one batch) and one 3x3 (built alone)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dw = nn.ModuleList(nn.Conv2d(8, 8, 7, padding=3, groups=8) for _ in range(3))
-        self.other = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.pw = nn.Conv2d(8, 8, 1)  # ungrouped: FLoRA's factored path, not batched
-
-    def forward(self, x):
-        for conv in self.dw:
-            x = torch.tanh(conv(x))
-        return self.pw(self.other(x))
 
 
 def flora_stack() -> nn.Module:
@@ -111,56 +98,12 @@ def flora_stack() -> nn.Module:
     return model
 
 
-def top_level_ops(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(
-        1
-        for e in prof.events()
-        if e.name.startswith("aten::")
-        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-    )
-
-
-def check_batched_against_per_layer(model, x, builder: str, monkeypatch, autocast: bool, tol):
-    """One step per layer, then with ``enable_batched_spectra``: equal outputs and adapter
-    gradients, one build of the 3 same-shape layers by ``builder``, no stash left over,
-    fewer top-level ops."""
-    params = [p for n, p in model.named_parameters() if ".adapter." in n]
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = model(x).float()
-        return y, torch.autograd.grad(y.square().sum(), params)
-
-    y_ref, ref = step()
-    per_layer_ops = top_level_ops(step)
-    assert batched_spectra.has_batched_spectra(model)
-    built = []
-    original = getattr(batched_spectra, builder)
-    monkeypatch.setattr(batched_spectra, builder, lambda a: built.append(len(a)) or original(a))
-    handle = mm_spectral.enable_batched_spectra(model)
-    try:
-        y, got = step()
-        assert built == [3]  # the three same-shape layers together; the others alone
-        batched_ops = top_level_ops(step)
-        left = [
-            k for m in model.modules() for k in vars(m) if k.startswith(("_prebuilt", "_stash"))
-        ]
-        assert not left, "stash or builder left over"
-    finally:
-        handle.remove()
-    torch.testing.assert_close(y, y_ref, **tol)
-    for g, w in zip(got, ref):
-        assert w.abs().max() > 0
-        torch.testing.assert_close(g, w, **tol)
-    assert batched_ops < per_layer_ops, (batched_ops, per_layer_ops)
-
-
-def test_enable_batched_spectra_batches_flora_depthwise_convs(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_enable_batched_spectra_batches_flora_depthwise_convs(device, monkeypatch):
     """The three 7x7 layers batch; the 3x3 and the (factored) 1x1 build alone."""
     check_batched_against_per_layer(
-        flora_stack(), torch.randn(2, 8, 9, 9), "batched_flora_deltas", monkeypatch,
+        flora_stack().to(device), torch.randn(2, 8, 9, 9, device=device),
+        "batched_flora_deltas", monkeypatch,
         autocast=True, tol=dict(rtol=1e-5, atol=1e-5),
     )  # fmt: skip
 
@@ -188,7 +131,11 @@ def test_batched_core_products_equal_per_layer_products():
     for g, w in zip(got, ref):
         torch.testing.assert_close(g, w)
     tensors = [t.detach().double().requires_grad_() for pair in zip(cores, u_in) for t in pair]
-    assert torch.autograd.gradcheck(lambda *t: _BatchedCoreProduct.apply(0.5, *t), tensors)
+    assert torch.autograd.gradcheck(lambda *t: _BatchedProduct.apply(0.5, True, *t), tensors)
+    # the untransposed form (LoRA's s·B A): Y_ℓ (J_in, in) instead of (in, J_in)
+    tensors = [t.detach().double().requires_grad_() for pair in zip(cores, u_in) for t in
+               (pair[0], pair[1].t().contiguous())]  # fmt: skip
+    assert torch.autograd.gradcheck(lambda *t: _BatchedProduct.apply(-0.5, False, *t), tensors)
 
 
 class LinearStack(nn.Module):
@@ -205,8 +152,9 @@ class LinearStack(nn.Module):
         return self.head(x)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [False, True])
-def test_enable_batched_spectra_batches_flora_linears(autocast, monkeypatch):
+def test_enable_batched_spectra_batches_flora_linears(autocast, device, monkeypatch):
     """The three 12x12 linears batch their down factors; the head builds alone."""
     torch.manual_seed(0)
     model = LinearStack()
@@ -215,5 +163,10 @@ def test_enable_batched_spectra_batches_flora_linears(autocast, monkeypatch):
         randomize_adapter(layer.adapter)
     tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
     check_batched_against_per_layer(
-        model, torch.randn(2, 5, 12), "batched_flora_downs", monkeypatch, autocast, tol
+        model.to(device),
+        torch.randn(2, 5, 12, device=device),
+        "batched_flora_downs",
+        monkeypatch,
+        autocast,
+        tol,
     )

@@ -156,8 +156,10 @@ def test_interleaved_training_benchmark_tiny_run():
     assert "### Training step, float16 autocast" in out  # loss-scaled fp16 steps
     training = {row[1]: row for row in table_rows(out, "Training step")}
     fourier = "FourierFT n3000"
-    forms = {"DoRA r16 [output]", "DoRA r16 [weight]"}  # one variant per rank-term form
-    forms |= {f"{fourier} [batched]", f"{fourier} [per-layer spectra]"}  # and spectra build
+    # one variant per rank-term form and way of building (DoRA batches grouped convs' ΔW)
+    builds = ("batched", "per-layer spectra")
+    forms = {f"DoRA r16 [{form}, {build}]" for form in ("output", "weight") for build in builds}
+    forms |= {f"{fourier} [{build}]" for build in builds}
     assert set(training) == {"full FT", "floor (frozen)", *forms}
     assert number(training["floor (frozen)"][4]) == pytest.approx(1.0)
     assert all(number(training["floor (frozen)"][2]) == 0 < number(training[f][2]) for f in forms)
@@ -216,8 +218,9 @@ def test_dispatch_cost_benchmark_tiny_run():
 
 
 def test_model_benchmark_sets_batched_spectra_per_variant():
-    """benchmark_model.py --batched-spectra on off: FourierFT / FoRA configs once per
-    setting, written into AdaptedBackbone's switch; without it the config's own default."""
+    """benchmark_model.py --batched-spectra on off: FourierFT / FoRA / FLoRA / LoRA / DoRA
+    configs once per setting, written into AdaptedBackbone's switch; without it the
+    config's own default."""
     from mmengine.config import Config
 
     sys.path.insert(0, str(REPO))
@@ -228,8 +231,10 @@ def test_model_benchmark_sets_batched_spectra_per_variant():
                 if name.startswith(("FourierFT", "LoRA"))}  # fmt: skip
     expanded = benchmark.path_variants(variants, None, None, ["on", "off"])
     assert set(expanded) == {
-        "FourierFT n3000 [batched]", "FourierFT n3000 [per-layer spectra]", "LoRA r16"
-    }  # fmt: skip
+        f"{name} [{build}]"
+        for name in ("FourierFT n3000", "LoRA r16")
+        for build in ("batched", "per-layer spectra")
+    }
     for label, want in (("[batched]", True), ("[per-layer spectra]", False)):
         variant = expanded[f"FourierFT n3000 {label}"]
         cfg = Config.fromfile(variant["path"])
@@ -287,3 +292,27 @@ def test_backbone_benchmark_profiles_by_host_time():
     assert "#### profile: ViT-tiny LoRA r16 (3 steps, by self_cpu_time_total)" in out
     table = out.split("by self_cpu_time_total)", 1)[1]
     assert "aten::" in table and "# of Calls" in table
+
+
+def test_model_benchmark_variants_share_neck_and_heads():
+    """Every variant takes the first one's neck and heads (same layout), keeps its own
+    backbone, and a model of another head layout starts its own entry."""
+    import torch
+    from torch import nn
+
+    from tools.benchmark_model import share_heads
+
+    def detector(width: int) -> nn.Module:
+        return nn.ModuleDict(dict(backbone=nn.Linear(3, 4), neck=nn.Linear(4, width),
+                                  roi_head=nn.Linear(width, 2)))  # fmt: skip
+
+    store: dict = {}
+    first, second, other = detector(5), detector(5), detector(6)
+    backbone = second.backbone.weight.detach().clone()
+    assert not torch.equal(first.neck.weight, second.neck.weight)
+    for model in (first, second, other):
+        share_heads(model, store)
+    for name in ("neck.weight", "neck.bias", "roi_head.weight", "roi_head.bias"):
+        assert torch.equal(first.state_dict()[name], second.state_dict()[name])
+    assert torch.equal(second.backbone.weight, backbone)
+    assert len(store) == 2 and other.neck.weight.shape == (6, 4)

@@ -244,7 +244,8 @@ class Prepared:
 
 LOW_RANK = ("LoRA", "DoRA", "FLoRA", "FoRA")  # the methods OPTIONS.rank_term applies to
 NATIVE = ("LoRA", "DoRA", "FLoRA", "FourierFT", "FoRA")  # methods with C++ nodes
-SPECTRAL = ("FourierFT", "FoRA", "FLoRA")  # methods whose ΔW builds can be batched
+# methods whose ΔW builds can be batched (LoRA / DoRA: on grouped convs, e.g. ConvNeXt's)
+SPECTRAL = ("FourierFT", "FoRA", "FLoRA", "LoRA", "DoRA")
 # variant keys that set how it runs, not the adapter
 RUN_OPTIONS = ("rank_term", "native", "batched_spectra")
 BATCHED_TAGS = {"on": "batched", "off": "per-layer spectra"}
@@ -347,7 +348,7 @@ def with_run_options(step: Callable[[], float], options: dict[str, str]) -> Call
 
 def batched_spectra_for(label: str, args, option: str | None) -> bool:
     """Whether a variant builds its spectra batched: as its ``--batched-spectra`` option
-    says, else as ``AdaptedBackbone`` does by default (FourierFT / FoRA / FLoRA, eager)."""
+    says, else as ``AdaptedBackbone`` does by default (eager, where a group to batch is)."""
     if option is not None:
         return option == "on"
     spectral = any(m in label for m in SPECTRAL)

@@ -145,6 +145,25 @@ def shrink_detection_heads(model: ConfigDict, channels: int) -> None:
     roi.mask_head.update(in_channels=channels, conv_out_channels=channels)
 
 
+# The first variant's neck and heads, by their layout (one entry per invocation's preset).
+_SHARED_HEADS: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def share_heads(model: torch.nn.Module, store: dict[tuple, dict[str, torch.Tensor]]) -> None:
+    """Give ``model`` the neck and heads of the first variant built with the same layout.
+
+    A detector's step costs what its data-dependent parts (proposals, sampled RoIs, mask
+    targets) make it cost, which follows the heads' weights: with each variant's own
+    random heads, variants differ by more than their backbones. With the same heads, the same frozen backbone (seeded) and each step's sampling
+    seeded by its index, the variants differ only in their backbones' adapters (which
+    start at ΔW = 0)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    layout = tuple((k, tuple(v.shape), v.dtype) for k, v in state.items())
+    if layout not in store:
+        store[layout] = {k: v.detach().clone() for k, v in state.items()}
+    model.load_state_dict(store[layout], strict=False)
+
+
 def prepare_config(
     path: str, args, options: dict[str, str] | None = None
 ) -> tuple[Callable[[], None], int]:
@@ -186,9 +205,11 @@ def prepare_config(
         torch._dynamo.reset()  # a fresh cache per variant (recompile limits, old guards)
         if cfg.model.backbone.type == "AdaptedBackbone":
             cfg.model.backbone.compile = True  # the user-facing switch
+    torch.manual_seed(0)  # the same frozen backbone weights in every variant
     with torch.device(args.device):  # allocate and initialise on the device (6B: seconds)
         model = build_model(cfg).train()
     model.to(args.device)  # also tells the data preprocessor which device it is on
+    share_heads(model, _SHARED_HEADS)
     if args.cuda_graph and not getattr(model.backbone, "with_cp", False):
         enable_cuda_graph(model.backbone)  # every variant alike (AdaptedBackbone: set in cfg)
     if args.compile and cfg.model.backbone.type != "AdaptedBackbone":
@@ -208,7 +229,10 @@ def prepare_config(
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     def step() -> None:
-        data = inputs[next(turn) % len(inputs)]
+        index = next(turn)
+        data = inputs[index % len(inputs)]
+        # Each variant's k-th step samples the same proposals and RoIs (see share_heads).
+        torch.manual_seed(index)
         with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             losses = model(**data, mode="loss")
         loss, _ = model.parse_losses(losses)

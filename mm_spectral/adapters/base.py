@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..kernels.native import native_ops
 from .bias_cast import compute_bias
-from .functional import delta_linear, low_rank_linear
+from .functional import delta_linear, low_rank_linear, outside_autocast
 
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
@@ -228,6 +228,16 @@ class LowRankAdapter(BaseAdapter):
         return self.spec.factorable
 
     def delta(self) -> Tensor:
+        """s · up down, float32 under autocast too: a weight-sized product of thin factors,
+        which in half precision would cost two casts forward and two backward per layer
+        (and round ΔW before it joins W0)."""
+        params = self._parameters  # every low-rank adapter holds a parameter of its own
+        device_type = next(iter(params.values())).device.type if params else "cpu"
+        if torch.is_autocast_enabled(device_type):
+            return outside_autocast(device_type, self._delta)
+        return self._delta()
+
+    def _delta(self) -> Tensor:
         down, up, scale = self.low_rank_factors()
         delta = torch.mm(up, down)
         return delta if scale == 1.0 else delta.mul_(scale)

@@ -12,11 +12,14 @@ batch, and one ``rfft2`` plus one gather in the backward.
   ``delta()`` / ``low_rank_factors()`` for a list of same-shape adapters;
   :func:`batched_flora_deltas` / :func:`batched_flora_downs` likewise for FLoRA's Tucker
   products, built every forward too: a grouped conv's ΔW, a linear's down factor
-  (:mod:`mm_spectral.adapters.batched_tucker`);
+  (:mod:`mm_spectral.adapters.batched_tucker`); :func:`batched_low_rank_deltas` and
+  :func:`batched_fora_deltas` for the ΔW = s·B A that LoRA, DoRA and FoRA build where
+  they cannot run factored (grouped convs: ConvNeXt's 7×7 depthwise layers), one ``bmm``;
 - :func:`enable_batched_spectra` — a forward pre-hook that plans, before each forward,
-  batched builds of a model's spectral ΔW / factors (and FLoRA's Tucker products) in
-  chunks, each made by the first of its layers to run, and hands each adapter its own (on by default in eager ``AdaptedBackbone``
-  training; the layers' scatter slots are computed once and kept).
+  batched builds of a model's spectral ΔW / factors (and the Tucker and low-rank
+  products above) in chunks, each made by the first of its layers to run, and hands each
+  adapter its own (on by default in eager ``AdaptedBackbone`` training; the layers'
+  scatter slots are computed once and kept).
 """
 
 from __future__ import annotations
@@ -32,11 +35,17 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from .base import is_adapted
-from .batched_tucker import batched_conv_tucker_deltas, batched_core_products
+from .base import AdaptedLayerMixin
+from .batched_tucker import (
+    batched_conv_tucker_deltas,
+    batched_core_products,
+    batched_low_rank_products,
+)
 from .flora import FLoRA
 from .fora import FoRA
 from .fourierft import FourierFT
+from .functional import outside_autocast
+from .lora import LoRA
 from .stash import stash, stash_builder
 
 
@@ -196,14 +205,12 @@ def batched_fourierft_deltas(
     return list(deltas.unbind(0))
 
 
-def batched_fora_factors(
-    adapters: Sequence[FoRA], cache: SlotCache | None = None
-) -> list[tuple[Tensor, Tensor, float]]:
-    """Each adapter's ``low_rank_factors()`` (down, up, scale) from two batched builds;
-    ``cache`` keeps the group's slots between steps."""
-    a_shape, b_shape = _same_shape(
-        adapters, lambda a: (a.a_shape, a.b_shape), "batched_fora_factors"
-    )
+def _fora_stacks(
+    adapters: Sequence[FoRA], cache: SlotCache | None, caller: str
+) -> tuple[Tensor, Tensor]:
+    """All adapters' down and up factors, (layers, r, fan_in) and (layers, out, r), from
+    two batched builds."""
+    a_shape, b_shape = _same_shape(adapters, lambda a: (a.a_shape, a.b_shape), caller)
     ones = [1.0] * len(adapters)
     factors = []
     for part, shape in (("a", a_shape), ("b", b_shape)):
@@ -211,13 +218,55 @@ def batched_fora_factors(
         slots = None if cache is None else cache.slots(positions, shape)
         coefficients = [getattr(a, f"{part}_coefficients") for a in adapters]
         factors.append(batched_sparse_spectrum_to_real(coefficients, positions, shape, ones, slots))
-    downs, ups = factors
+    return factors[0], factors[1]
+
+
+def batched_fora_factors(
+    adapters: Sequence[FoRA], cache: SlotCache | None = None
+) -> list[tuple[Tensor, Tensor, float]]:
+    """Each adapter's ``low_rank_factors()`` (down, up, scale) from two batched builds;
+    ``cache`` keeps the group's slots between steps."""
+    downs, ups = _fora_stacks(adapters, cache, "batched_fora_factors")
     return [(d, u, a.scale) for d, u, a in zip(downs.unbind(0), ups.unbind(0), adapters)]
 
 
+def _low_rank_shapes(adapter: LoRA) -> tuple:
+    """What LoRA/DoRA layers must share to be built together: factor shapes and scale."""
+    params = adapter._parameters
+    return params["lora_A"].shape, params["lora_B"].shape, adapter.scale
+
+
+def batched_low_rank_deltas(adapters: Sequence[LoRA]) -> list[Tensor]:
+    """Each LoRA/DoRA adapter's ``delta()`` on a layer it cannot run factored (a grouped
+    conv, or loralib's conv factors), s · B A, from one batched product."""
+    _same_shape(adapters, _low_rank_shapes, "batched_low_rank_deltas")
+    deltas = batched_low_rank_products(
+        [a.lora_B for a in adapters], [a.lora_A for a in adapters], adapters[0].scale
+    )
+    return list(deltas.unbind(0))
+
+
+def batched_fora_deltas(adapters: Sequence[FoRA], cache: SlotCache | None = None) -> list[Tensor]:
+    """Each FoRA adapter's ``delta()`` on a layer it cannot run factored: its factors from
+    two batched spectral builds, then one batched product."""
+    downs, ups = _fora_stacks(adapters, cache, "batched_fora_deltas")
+    deltas = _float32_bmm(ups, downs)  # float32, as LowRankAdapter.delta
+    scale = adapters[0].scale
+    return list((deltas if scale == 1.0 else deltas.mul_(scale)).unbind(0))
+
+
+def _float32_bmm(a: Tensor, b: Tensor) -> Tensor:
+    device_type = a.device.type
+    if torch.is_autocast_enabled(device_type):
+        return outside_autocast(device_type, torch.bmm, a, b)
+    return torch.bmm(a, b)
+
+
 def _flora_shapes(adapter: FLoRA) -> tuple:
-    """What FLoRA layers must share to be built together: weight and core shapes, scale."""
-    return adapter.spec.weight_shape, adapter.core.shape, adapter.scale
+    """What FLoRA layers must share to be built together: weight and core shapes, scale.
+    (The core through ``_parameters``: asked per layer and step, ``nn.Module.__getattr__``
+    was most of the walk's cost per adapter.)"""
+    return adapter.spec.weight_shape, adapter._parameters["core"].shape, adapter.scale
 
 
 def batched_flora_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
@@ -243,11 +292,38 @@ def batched_flora_downs(adapters: Sequence[FLoRA]) -> list[Tensor]:
 # --- use in the forward ---------------------------------------------------------------------
 
 
-def _sharded(module: nn.Module) -> bool:
-    """Whether ``module`` is an FSDP unit (FSDP1 or ``fully_shard``): between its own
-    forwards its parameters are shards, which a build before the model's forward must not
-    read."""
-    return isinstance(module, (FullyShardedDataParallel, FSDPModule))
+_OTHER, _ADAPTED, _SHARDED = 0, 1, 2
+
+
+@functools.cache
+def _role(cls: type) -> int:
+    """What a module of class ``cls`` is to the walk: an FSDP unit (FSDP1 or
+    ``fully_shard``: between its own forwards its parameters are shards, which a build
+    before the model's forward must not read), an adapted layer or another module. Asked once per class (``fully_shard`` makes a new class per wrapped
+    one): two ``isinstance`` checks per module and step cost more than the walk."""
+    if issubclass(cls, (FullyShardedDataParallel, FSDPModule)):
+        return _SHARDED
+    return _ADAPTED if issubclass(cls, AdaptedLayerMixin) else _OTHER
+
+
+def _group_key(adapter: nn.Module) -> tuple | None:
+    """The shape group ``adapter`` batches in, or None where it builds alone (FLoRA on an
+    ungrouped conv runs factored)."""
+    if isinstance(adapter, FourierFT):
+        return ("FourierFT", adapter.spec.matrix_shape)
+    if isinstance(adapter, FoRA):  # factors, or where it runs unfactored its ΔW
+        if adapter.factored:
+            return ("FoRA", adapter.a_shape, adapter.b_shape)
+        return ("FoRA-delta", adapter.a_shape, adapter.b_shape, adapter.scale)
+    if isinstance(adapter, LoRA):  # LoRA and DoRA: ΔW where they run unfactored
+        return None if adapter.factored else ("low-rank", *_low_rank_shapes(adapter))
+    if isinstance(adapter, FLoRA):
+        # a linear's down factor or a grouped conv's ΔW (ungrouped convs build per layer)
+        if adapter.spec.kind == "linear":
+            return ("FLoRA-linear", *_flora_shapes(adapter))
+        if not adapter.factored:
+            return ("FLoRA", *_flora_shapes(adapter))
+    return None
 
 
 def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
@@ -264,24 +340,20 @@ def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
         layer = stack.pop()
         if layer is None:
             continue
-        if _sharded(layer):
-            return []
-        if not is_adapted(layer):
+        role = _role(type(layer))
+        if role == _OTHER:
             stack.extend(layer._modules.values())
             continue
+        if role == _SHARDED:
+            return []
         adapter = layer._modules["adapter"]
-        if _sharded(adapter):  # an adapter wrapped as its own unit (frozen_apart_wrap_policy)
+        if _role(type(adapter)) == _SHARDED:  # wrapped as its own unit (frozen_apart_wrap_policy)
             return []
         if layer.merged:
             continue
-        if isinstance(adapter, FourierFT):
-            found.append((("FourierFT", adapter.spec.matrix_shape), adapter))
-        elif isinstance(adapter, FoRA):
-            found.append((("FoRA", adapter.a_shape, adapter.b_shape), adapter))
-        elif isinstance(adapter, FLoRA) and (adapter.spec.kind == "linear" or not adapter.factored):
-            # a linear's down factor or a grouped conv's ΔW (ungrouped convs build per layer)
-            kind = "FLoRA-linear" if adapter.spec.kind == "linear" else "FLoRA"
-            found.append(((kind, *_flora_shapes(adapter)), adapter))
+        key = _group_key(adapter)
+        if key is not None:
+            found.append((key, adapter))
     # The stack visits layers last-first: back in module order, a shared layer at its first
     # place (as model.modules() lists it).
     groups: dict[tuple, list[nn.Module]] = defaultdict(list)
@@ -306,6 +378,10 @@ def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> 
         results = batched_flora_deltas(members)
     elif kind == "FLoRA-linear":
         results = batched_flora_downs(members)
+    elif kind == "low-rank":
+        results = batched_low_rank_deltas(members)
+    elif kind == "FoRA-delta":
+        results = batched_fora_deltas(members, cache)
     else:
         results = batched_fora_factors(members, cache)
     for adapter, result in zip(members, results):
@@ -331,9 +407,9 @@ def _layer_bytes(adapter: nn.Module) -> int:
     """Bytes of what a batched build makes for one layer (float32 ΔW or factor pair)."""
     if isinstance(adapter, FLoRA) and adapter.spec.kind == "linear":
         return 4 * adapter.core.shape[0] * adapter.spec.weight_shape[1]
-    if isinstance(adapter, (FourierFT, FLoRA)):
-        return 4 * math.prod(adapter.spec.matrix_shape)
-    return 4 * (math.prod(adapter.a_shape) + math.prod(adapter.b_shape))
+    if isinstance(adapter, FoRA) and adapter.factored:
+        return 4 * (math.prod(adapter.a_shape) + math.prod(adapter.b_shape))
+    return 4 * math.prod(adapter.spec.matrix_shape)  # a ΔW
 
 
 def chunks(members: Sequence[nn.Module], max_bytes: int) -> list[list[nn.Module]]:
@@ -393,7 +469,7 @@ def enable_batched_spectra(
     """Before each ``model(...)`` call, plan batched builds of its spectral adapters
     (:func:`plan_batched_spectra`).
 
-    Each FourierFT/FoRA adapter then takes its prebuilt ΔW / factors in its forward
+    Each adapter of a group then takes its prebuilt ΔW / factors in its forward
     instead of building them itself (merged layers and adapters whose parameters changed
     since ignore them). Returns the hook's handle; ``handle.remove()`` turns it off.
     """

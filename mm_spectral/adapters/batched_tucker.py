@@ -8,7 +8,8 @@ convs in four shapes and 72 linears in eight, ViT-L 96 linears in four, so these
 are hundreds of host-bound launches per eager step. Here all layers of one shape (and core
 shape and scale) take the same ops once, batched over the layers: ``bmm`` for the GEMMs,
 broadcasts with a leading layer dimension for the Kronecker products, and written-out
-backwards.
+backwards. The same batched product serves LoRA, DoRA and FoRA where they build
+ΔW = s · B A (grouped convs): :func:`batched_low_rank_products`.
 """
 
 from __future__ import annotations
@@ -84,35 +85,54 @@ def batched_conv_tucker_deltas(
     return _BatchedConvTucker.apply(float(scale), *tensors)
 
 
-class _BatchedCoreProduct(torch.autograd.Function):
-    """down_ℓ = scale · G_ℓ U_in,ℓᵀ for L linear layers at once: (L, J_out, in) float32.
-    Inputs: the scale, then per layer its core (J_out, J_in) and U_in (in, J_in)."""
+class _BatchedProduct(torch.autograd.Function):
+    """scale · X_ℓ Y_ℓ (or X_ℓ Y_ℓᵀ with ``transpose``) for L layers at once, float32.
+    Inputs: the scale, ``transpose``, then per layer its X and Y. Stacked inside the node,
+    so the backward hands back each layer's gradients from one ``unbind`` per operand
+    (through ``torch.stack``, autograd would add a ``select`` per layer and operand)."""
 
     @staticmethod
-    def forward(ctx, scale, *tensors):  # type: ignore[override]
-        cores, u_in = torch.stack(tensors[0::2]), torch.stack(tensors[1::2])
-        down = torch.bmm(cores, u_in.transpose(1, 2))
-        ctx.save_for_backward(cores, u_in)
-        ctx.scale = scale
-        return down if scale == 1.0 else down.mul_(scale)
+    def forward(ctx, scale, transpose, *tensors):  # type: ignore[override]
+        xs, ys = torch.stack(tensors[0::2]), torch.stack(tensors[1::2])
+        out = torch.bmm(xs, ys.transpose(1, 2) if transpose else ys)
+        ctx.save_for_backward(xs, ys)
+        ctx.scale, ctx.transpose = scale, transpose
+        return out if scale == 1.0 else out.mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad_down):  # type: ignore[override]
-        cores, u_in = ctx.saved_tensors
-        g = grad_down.to(cores.dtype)
+    def backward(ctx, grad_out):  # type: ignore[override]
+        xs, ys = ctx.saved_tensors
+        g = grad_out.to(xs.dtype)
         g = g if ctx.scale == 1.0 else g * ctx.scale
-        grad_cores = torch.bmm(g, u_in).unbind(0)
-        grad_u_in = torch.bmm(g.transpose(1, 2), cores).unbind(0)
-        return (None, *(t for pair in zip(grad_cores, grad_u_in) for t in pair))
+        if ctx.transpose:  # out = X Yᵀ: dX = g Y, dY = gᵀ X
+            grad_x, grad_y = torch.bmm(g, ys), torch.bmm(g.transpose(1, 2), xs)
+        else:  # out = X Y: dX = g Yᵀ, dY = Xᵀ g
+            grad_x, grad_y = torch.bmm(g, ys.transpose(1, 2)), torch.bmm(xs.transpose(1, 2), g)
+        pairs = zip(grad_x.unbind(0), grad_y.unbind(0))
+        return (None, None, *(t for pair in pairs for t in pair))
+
+
+def _batched_products(
+    xs: Sequence[Tensor], ys: Sequence[Tensor], scale: float, transpose: bool, caller: str
+) -> Tensor:
+    if not xs:
+        raise ValueError(f"{caller} needs at least one layer")
+    device_type = xs[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return outside_autocast(device_type, _batched_products, xs, ys, scale, transpose, caller)
+    tensors = [_as(t, torch.float32) for pair in zip(xs, ys) for t in pair]
+    return _BatchedProduct.apply(float(scale), transpose, *tensors)
 
 
 def batched_core_products(cores: Sequence[Tensor], u_in: Sequence[Tensor], scale: float) -> Tensor:
     """(L, J_out, in) float32: layer ℓ's FLoRA linear down factor scale · cores[ℓ] u_in[ℓ]ᵀ,
     all in one ``bmm`` (same shapes throughout). Float32 under autocast too."""
-    if not cores:
-        raise ValueError("batched_core_products needs at least one layer")
-    device_type = cores[0].device.type
-    if torch.is_autocast_enabled(device_type):
-        return outside_autocast(device_type, batched_core_products, cores, u_in, scale)
-    tensors = [_as(t, torch.float32) for pair in zip(cores, u_in) for t in pair]
-    return _BatchedCoreProduct.apply(float(scale), *tensors)
+    return _batched_products(cores, u_in, scale, True, "batched_core_products")
+
+
+def batched_low_rank_products(
+    ups: Sequence[Tensor], downs: Sequence[Tensor], scale: float
+) -> Tensor:
+    """(L, out, fan_in) float32: layer ℓ's ΔW = scale · ups[ℓ] downs[ℓ] (LoRA's B A), all
+    in one ``bmm``. Float32 under autocast too, as :meth:`LowRankAdapter.delta`."""
+    return _batched_products(ups, downs, scale, False, "batched_low_rank_products")
