@@ -231,9 +231,10 @@ def batched_fora_factors(
 
 
 def _low_rank_shapes(adapter: LoRA) -> tuple:
-    """What LoRA/DoRA layers must share to be built together: factor shapes and scale."""
-    params = adapter._parameters
-    return params["lora_A"].shape, params["lora_B"].shape, adapter.scale
+    """What LoRA/DoRA layers must share to be built together: what fixes the factors'
+    shapes (weight shape, groups, rank, conv factors) and the scale."""
+    spec = adapter.spec
+    return spec.weight_shape, spec.groups, adapter.rank, adapter.conv_factors, adapter.scale
 
 
 def batched_low_rank_deltas(adapters: Sequence[LoRA]) -> list[Tensor]:
@@ -263,10 +264,10 @@ def _float32_bmm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _flora_shapes(adapter: FLoRA) -> tuple:
-    """What FLoRA layers must share to be built together: weight and core shapes, scale.
-    (The core through ``_parameters``: asked per layer and step, ``nn.Module.__getattr__``
-    was most of the walk's cost per adapter.)"""
-    return adapter.spec.weight_shape, adapter._parameters["core"].shape, adapter.scale
+    """What FLoRA layers must share to be built together: weight shape, ranks (which fix
+    the core's shape) and scale. Plain attributes: asked per layer and step,
+    ``adapter.core`` (``nn.Module.__getattr__``) was most of the walk's cost per adapter."""
+    return adapter.spec.weight_shape, adapter.rank, adapter.kernel_rank, adapter.scale
 
 
 def batched_flora_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
@@ -274,7 +275,7 @@ def batched_flora_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
     one batched Tucker product (:mod:`mm_spectral.adapters.batched_tucker`)."""
     _same_shape(adapters, _flora_shapes, "batched_flora_deltas")
     deltas = batched_conv_tucker_deltas(
-        [a.core for a in adapters], [list(a.factors) for a in adapters], adapters[0].scale
+        [a.core for a in adapters], [a.factor_tensors() for a in adapters], adapters[0].scale
     )
     return list(deltas.unbind(0))
 
@@ -284,7 +285,7 @@ def batched_flora_downs(adapters: Sequence[FLoRA]) -> list[Tensor]:
     one batched ``bmm``; its forward then runs as a plain low-rank linear with up = U_out."""
     _same_shape(adapters, _flora_shapes, "batched_flora_downs")
     downs = batched_core_products(
-        [a.core for a in adapters], [a.factors[1] for a in adapters], adapters[0].scale
+        [a.core for a in adapters], [a.factor_tensors()[1] for a in adapters], adapters[0].scale
     )
     return list(downs.unbind(0))
 

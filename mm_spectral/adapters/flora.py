@@ -112,8 +112,19 @@ class FLoRA(LowRankAdapter):
             for size, j in zip(spec.weight_shape, core_shape)
         )
 
+    def factor_tensors(self) -> tuple[Tensor, ...]:
+        """U₁ … U_N. Read per layer and step, so from the list's own dict where they are
+        registered: ``ParameterList.__getitem__`` (a string index and a getattr each) cost
+        several times as much host time. (Inside an FSDP unit's forward they are plain
+        attributes, which the list's own lookup finds.)"""
+        factors = self._modules["factors"]
+        params = factors._parameters
+        if len(params) == len(self.spec.weight_shape):
+            return tuple(params.values())
+        return tuple(factors)
+
     def delta(self) -> Tensor:
-        if len(self.factors) == 2:
+        if len(self.spec.weight_shape) == 2:
             return super().delta()
         prebuilt = take_stash(self)  # from mm_spectral.enable_batched_spectra
         if prebuilt is not None:
@@ -129,13 +140,14 @@ class FLoRA(LowRankAdapter):
         return self._low_rank_factors()
 
     def _low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
-        if len(self.factors) == 2:  # linear: core ×₂ U₂ is a plain product
-            u_out, u_in = self.factors
+        factors = self.factor_tensors()
+        if len(factors) == 2:  # linear: core ×₂ U₂ is a plain product
+            u_out, u_in = factors
             # s · core U₂ᵀ, the scale in the GEMM's alpha: a scale left to the low-rank node
             # would cost two more ops on its gradients.
             return scaled_mm(self.core, u_in.t(), self.scale), u_out, 1.0
         # Conv: the scale goes into the (small) down factor, sparing an op on the up one.
-        return conv_tucker_down(self.core, self.factors, self.scale), self.factors[0], 1.0
+        return conv_tucker_down(self.core, factors, self.scale), factors[0], 1.0
 
     def factored_forward(self, x: Tensor, layer: nn.Module, bias: Tensor | None) -> Tensor:
         """On a linear: the down factor from a batched build where one was planned
@@ -143,8 +155,7 @@ class FLoRA(LowRankAdapter):
         product inside the C++ node (:mod:`mm_spectral.kernels.native`); elsewhere as for
         every low-rank adapter."""
         if self.spec.kind == "linear":
-            factors = self.factors  # two lookups, not ParameterList's iterator (per step)
-            u_out, u_in = factors[0], factors[1]
+            u_out, u_in = self.factor_tensors()
             down = take_stash(self)
             if down is not None:  # s · core U_inᵀ already
                 return low_rank_linear(x, layer.weight, bias, down, u_out, 1.0)
