@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..kernels.native import native_ops
 from .bias_cast import compute_bias
 from .functional import delta_linear, low_rank_linear, outside_autocast
+from .stash import take_stash
 
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
@@ -230,7 +231,12 @@ class LowRankAdapter(BaseAdapter):
     def delta(self) -> Tensor:
         """s · up down, float32 under autocast too: a weight-sized product of thin factors,
         which in half precision would cost two casts forward and two backward per layer
-        (and round ΔW before it joins W0)."""
+        (and round ΔW before it joins W0). On a layer it cannot run factored (a grouped
+        conv), the ΔW a batched build made for it and its batch-mates, where there is one."""
+        if not self.factored:
+            prebuilt = take_stash(self)  # from mm_spectral.enable_batched_spectra
+            if prebuilt is not None:
+                return prebuilt
         params = self._parameters  # every low-rank adapter holds a parameter of its own
         device_type = next(iter(params.values())).device.type if params else "cpu"
         if torch.is_autocast_enabled(device_type):

@@ -73,13 +73,6 @@ class FoRA(LowRankAdapter):
         weight_sum = hermitian_weights(self.a_indices, self.a_shape).sum().item()
         return (target_var / weight_sum) ** 0.5 * rows * cols
 
-    def delta(self) -> Tensor:
-        if not self.factored:  # a grouped conv's ΔW, maybe built with its batch-mates
-            prebuilt = take_stash(self)  # from mm_spectral.enable_batched_spectra
-            if prebuilt is not None:
-                return prebuilt
-        return super().delta()
-
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         prebuilt = take_stash(self)  # from mm_spectral.enable_batched_spectra
         if prebuilt is not None:

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from .base import LayerSpec, LowRankAdapter, check_positive, register_adapter
-from .stash import take_stash
 
 CONV_FACTORS = ("matrix", "loralib")
 
@@ -86,13 +85,6 @@ class LoRA(LowRankAdapter):
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         return self.lora_A, self.lora_B, self.scale
-
-    def delta(self) -> Tensor:
-        if not self._factored:  # a grouped conv's ΔW, maybe built with its batch-mates
-            prebuilt = take_stash(self)  # from mm_spectral.enable_batched_spectra
-            if prebuilt is not None:
-                return prebuilt
-        return super().delta()
 
     def size_warning(self) -> str | None:
         (inner, cols), (rows, _) = self.lora_A.shape, self.lora_B.shape
