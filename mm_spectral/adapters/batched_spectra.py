@@ -257,6 +257,7 @@ def batched_fora_deltas(adapters: Sequence[FoRA], cache: SlotCache | None = None
 
 
 def _float32_bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm(a, b)`` of float32 operands, kept float32 under autocast."""
     device_type = a.device.type
     if torch.is_autocast_enabled(device_type):
         return outside_autocast(device_type, torch.bmm, a, b)
@@ -300,8 +301,10 @@ _OTHER, _ADAPTED, _SHARDED = 0, 1, 2
 def _role(cls: type) -> int:
     """What a module of class ``cls`` is to the walk: an FSDP unit (FSDP1 or
     ``fully_shard``: between its own forwards its parameters are shards, which a build
-    before the model's forward must not read), an adapted layer or another module. Asked once per class (``fully_shard`` makes a new class per wrapped
-    one): two ``isinstance`` checks per module and step cost more than the walk."""
+    before the model's forward must not read), an adapted layer or another module.
+
+    Asked once per class (``fully_shard`` makes a new class per wrapped one): two
+    ``isinstance`` checks per module and step cost more than the walk."""
     if issubclass(cls, (FullyShardedDataParallel, FSDPModule)):
         return _SHARDED
     return _ADAPTED if issubclass(cls, AdaptedLayerMixin) else _OTHER
