@@ -7,14 +7,24 @@ resumed run differs, so the comparison can fail."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
+
+from batched_checks import DEVICES
 
 pytest.importorskip("mmengine")
 
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 from openmmlab_toys import load_tool, unique_name, write_config  # noqa: E402
+
+from mm_spectral.openmmlab.hooks.random_state_hook import (  # noqa: E402
+    capture_rng_state,
+    restore_rng_state,
+)
 
 RANDOM = {
     "type='GlueToyClassifier',": "type='GlueToyClassifier', dropout=0.3,",
@@ -80,3 +90,30 @@ def state_at(path) -> dict[str, torch.Tensor]:
     from mm_spectral.state import load_checkpoint_file
 
     return load_checkpoint_file(str(path))["state_dict"]
+
+
+def _moved(value, device: str):
+    """``value`` with every tensor on ``device``, as a ``map_location`` loads it."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+def _draws() -> tuple:
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generator_states_restore_from_a_checkpoint_on_any_device(device):
+    """On a GPU machine MMEngine loads a resumed checkpoint onto the GPU (map_location
+    'default'), the saved generator states included; they must still set every generator.
+    (Run on CUDA where there is one: the first GPU resume failed here.)"""
+    saved = capture_rng_state()
+    want = _draws()
+    _draws()  # the generators move on
+    restore_rng_state(_moved(saved, device))
+    assert _draws() == want

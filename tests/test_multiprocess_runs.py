@@ -33,7 +33,10 @@ from mm_spectral.openmmlab import (
     distributed,  # noqa: E402
 )
 from mm_spectral.openmmlab.checkpoint import adapter_tensors  # noqa: E402
-from mm_spectral.openmmlab.distributed import configure_distributed  # noqa: E402
+from mm_spectral.openmmlab.distributed import (  # noqa: E402
+    configure_distributed,
+    finish_distributed,
+)
 from mm_spectral.state import load_checkpoint_file  # noqa: E402
 from tools import merge_adapters  # noqa: E402
 from tools.data.synthetic_shapes import make_shapes_ade  # noqa: E402
@@ -212,6 +215,22 @@ def test_cpu_wrappers_stay_on_the_cpu(monkeypatch):
     assert fsdp.strategy.model_wrapper == dict(
         type="MMFullyShardedDataParallel", device_id="cpu", use_orig_params=True
     )
+
+
+def test_finish_distributed_tears_the_group_down(tmp_path):
+    """The entry points end a run with ``finish_distributed``: the group is gone after it
+    (gloo's threads joined before interpreter exit, which could abort a rank that had
+    succeeded), and a second call, or one outside any group, does nothing."""
+    store = f"file://{tmp_path / 'store'}"
+    torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        assert torch.distributed.is_initialized()
+        finish_distributed()
+        assert not torch.distributed.is_initialized()
+        finish_distributed()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 BLOCK_OPENMMLAB = """

@@ -33,7 +33,10 @@ from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
     load_adapter_checkpoint,
     require_unmerged,
 )
-from mm_spectral.openmmlab.distributed import configure_distributed  # noqa: E402
+from mm_spectral.openmmlab.distributed import (  # noqa: E402
+    configure_distributed,
+    finish_distributed,
+)
 from mm_spectral.state import adapted_layers, load_checkpoint_file  # noqa: E402
 
 
@@ -128,9 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
         elif ckpt is not None and any(True for _ in adapted_layers(model)):
             require_unmerged(ckpt, args.checkpoint)
             check_adapter_records(model, ckpt.get("meta") or {}, args.checkpoint)
-        return runner.test()
+        metrics = runner.test()
     except CheckpointMismatch as err:
         raise SystemExit(f"error: {err}") from None
+    finish_distributed()
+    return metrics
 
 
 if __name__ == "__main__":

@@ -28,7 +28,10 @@ from mmengine.runner import Runner  # noqa: E402
 from mm_spectral.distributed import is_sharded_checkpoint  # noqa: E402
 from mm_spectral.openmmlab import init_toolbox  # noqa: E402  (registers; fixes torch.load)
 from mm_spectral.openmmlab.checkpoint import CheckpointMismatch, checkpoint_kind  # noqa: E402
-from mm_spectral.openmmlab.distributed import configure_distributed  # noqa: E402
+from mm_spectral.openmmlab.distributed import (  # noqa: E402
+    configure_distributed,
+    finish_distributed,
+)
 from mm_spectral.state import load_checkpoint_file  # noqa: E402
 
 CHECKPOINT_NAME = re.compile(r"^(epoch|iter)_(\d+)(_adapter)?\.pth$")
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> Runner:
         runner.train()
     except CheckpointMismatch as err:
         raise SystemExit(f"error: {err}") from None
+    finish_distributed()
     return runner
 
 
