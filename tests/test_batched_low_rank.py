@@ -12,6 +12,7 @@ from torch import nn
 import mm_spectral
 from mm_spectral.adapters import batched_spectra
 from mm_spectral.adapters.batched_spectra import batched_fora_deltas, batched_low_rank_deltas
+from mm_spectral.kernels import OPTIONS
 
 from batched_checks import DEVICES, DepthwiseStack, check_batched_against_per_layer
 from conftest import randomize_adapter
@@ -82,22 +83,56 @@ def test_low_rank_groups_keep_shapes_scales_and_factored_layers_apart():
     groups = batched_spectra._groups(model)
     assert [(kind, len(members)) for kind, members in groups] == [("low-rank", 2)]
     assert [type(a).__name__ for a in groups[0][1]] == ["LoRA", "DoRA"]
-    assert not batched_spectra.has_batched_spectra(_linears("LoRA"))
 
 
-def test_fora_groups_split_factored_from_unfactored_layers():
+@pytest.mark.parametrize("whole", ["on", "off"])
+def test_low_rank_linears_batch_their_delta_only_where_asked(whole, monkeypatch):
+    """LoRA and DoRA linears build their weight change in one batch with
+    ``OPTIONS.batched_linears`` on (DoRA's its own kind: W' − W0), and run factored (no
+    batch) with it off."""
+    monkeypatch.setattr(OPTIONS, "batched_linears", whole)
+    for method, kind in (("LoRA", "low-rank"), ("DoRA", "DoRA-linear")):
+        groups = batched_spectra._groups(_linears(method))
+        want = [(kind, 2)] if whole == "on" else []
+        assert [(kind, len(members)) for kind, members in groups] == want
+
+
+@pytest.mark.parametrize("whole", ["on", "off"])
+def test_fora_groups_split_factored_from_unfactored_layers(whole, monkeypatch):
     """A FoRA linear and a depthwise conv of the same factor shapes take different
-    results (factors, ΔW), so they never share a build."""
-    model = nn.Sequential(
-        nn.Conv2d(8, 8, 7, groups=8), nn.Conv2d(8, 8, 7, groups=8), nn.Flatten(), nn.Linear(49, 8)
+    results (factors, ΔW) and never share a build, unless the linear takes its whole ΔW
+    too (``OPTIONS.batched_linears``): then all four share one, with the per-layer values."""
+    monkeypatch.setattr(OPTIONS, "batched_linears", whole)
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        dict(convs=nn.Sequential(nn.Conv2d(8, 8, 7, groups=8), nn.Conv2d(8, 8, 7, groups=8)),
+             fc=nn.Linear(49, 8), extra=nn.Linear(49, 8))
+    )  # fmt: skip
+    mm_spectral.inject(
+        model, dict(type="FoRA", rank=4, n=20, scale=2.0, targets=[r"convs\.\d", "fc", "extra"])
     )
-    model.extra = nn.Linear(49, 8)
-    mm_spectral.inject(model, dict(type="FoRA", rank=4, n=20, scale=2.0, targets=[r"\d", "extra"]))
+    for _, layer in mm_spectral.adapted_layers(model):
+        randomize_adapter(layer.adapter)
+    image, rows = torch.randn(2, 8, 13, 13), torch.randn(3, 49)
+
+    def outputs():
+        return model["convs"](image), model["fc"](rows), model["extra"](rows)
+
+    want = outputs()  # the linears' tokens, which the plan decides by
     kinds = sorted((kind, len(members)) for kind, members in batched_spectra._groups(model))
-    assert kinds == [("FoRA", 2), ("FoRA-delta", 2)]
+    assert kinds == ([("FoRA-delta", 4)] if whole == "on" else [("FoRA", 2), ("FoRA-delta", 2)])
+    # The plan a model's pre-hook makes, then each layer runs on its own.
+    assert batched_spectra.plan_batched_spectra(model) == 4
+    got = outputs()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert not any("_prebuilt_stash" in vars(m) or "_stash_builder" in vars(m)
+                   for m in model.modules())  # fmt: skip
 
 
 def _linears(method: str) -> nn.Module:
+    """Two same-shape adapted linears after one forward (the plan decides by its tokens)."""
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
     mm_spectral.inject(model, dict(type=method, rank=2, targets=[r"\d"]))
+    model(torch.randn(3, 6))
     return model

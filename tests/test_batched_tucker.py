@@ -17,6 +17,7 @@ from mm_spectral.adapters.batched_tucker import (
     batched_core_products,
 )
 from mm_spectral.adapters.flora import conv_tucker_down
+from mm_spectral.kernels import OPTIONS
 
 from batched_checks import DEVICES, DepthwiseStack, check_batched_against_per_layer
 from conftest import randomize_adapter
@@ -154,8 +155,11 @@ class LinearStack(nn.Module):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [False, True])
-def test_enable_batched_spectra_batches_flora_linears(autocast, device, monkeypatch):
-    """The three 12x12 linears batch their down factors; the head builds alone."""
+@pytest.mark.parametrize("whole", ["on", "off"])
+def test_enable_batched_spectra_batches_flora_linears(whole, autocast, device, monkeypatch):
+    """The three 12x12 linears batch their whole ΔW (``OPTIONS.batched_linears`` on) or
+    their down factors (off); the head builds alone."""
+    monkeypatch.setattr(OPTIONS, "batched_linears", whole)
     torch.manual_seed(0)
     model = LinearStack()
     mm_spectral.inject(model, dict(type="FLoRA", rank=4, scale=3.0, targets=[r"fc\.\d", "head"]))
@@ -165,7 +169,7 @@ def test_enable_batched_spectra_batches_flora_linears(autocast, device, monkeypa
     check_batched_against_per_layer(
         model.to(device),
         torch.randn(2, 5, 12, device=device),
-        "batched_flora_downs",
+        "batched_flora_linear_deltas" if whole == "on" else "batched_flora_downs",
         monkeypatch,
         autocast,
         tol,

@@ -174,7 +174,9 @@ def test_batched_spectra_option_builds_once_per_shape_with_equal_values_and_grad
                           adapter=cfg, batched_spectra=True, cuda_graph=True))  # fmt: skip
 
 
-def test_batched_spectra_default_is_on_for_eager_spectral_backbones_only():
+def test_batched_spectra_default_is_on_for_eager_spectral_backbones_only(monkeypatch):
+    from mm_spectral.kernels import OPTIONS
+
     def built(adapter, **switches):
         cfg = dict(type="AdaptedBackbone", backbone=dict(type="TwinLinearToy"), **switches)
         return MODELS.build(dict(cfg, adapter=dict(adapter, targets=["a", "b"])))
@@ -182,7 +184,11 @@ def test_batched_spectra_default_is_on_for_eager_spectral_backbones_only():
     fourier = dict(type="FourierFT", n=12)
     assert built(fourier).mm_spectral_cfg["batched_spectra"] is True
     assert built(dict(type="FoRA", n=12, rank=4)).mm_spectral_cfg["batched_spectra"] is True
+    # LoRA's two same-shape linears: their weight changes batch (OPTIONS.batched_linears)
+    assert built(dict(type="LoRA")).mm_spectral_cfg["batched_spectra"] is True
+    monkeypatch.setattr(OPTIONS, "batched_linears", "off")
     assert built(dict(type="LoRA")).mm_spectral_cfg["batched_spectra"] is False
+    monkeypatch.setattr(OPTIONS, "batched_linears", "on")
     flora = dict(type="FLoRA", rank=4)  # its core products batch too
     assert built(flora).mm_spectral_cfg["batched_spectra"] is True
     for switch in ("cuda_graph", "compile"):

@@ -16,6 +16,7 @@ nothing turns NaN/inf. Prints a markdown table (ratios to the floor of the same 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import itertools
@@ -25,7 +26,7 @@ import os.path as osp
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
@@ -247,7 +248,9 @@ NATIVE = ("LoRA", "DoRA", "FLoRA", "FourierFT", "FoRA")  # methods with C++ node
 # methods whose ΔW builds can be batched (LoRA / DoRA: on grouped convs, e.g. ConvNeXt's)
 SPECTRAL = ("FourierFT", "FoRA", "FLoRA", "LoRA", "DoRA")
 # variant keys that set how it runs, not the adapter
-RUN_OPTIONS = ("rank_term", "native", "batched_spectra")
+RUN_OPTIONS = ("rank_term", "native", "batched_spectra", "batched_linears")
+# methods whose linears can take their whole ΔW from a batched build (OPTIONS.batched_linears)
+WHOLE_DELTA = ("LoRA", "DoRA", "FLoRA", "FoRA")
 BATCHED_TAGS = {"on": "batched", "off": "per-layer spectra"}
 
 
@@ -256,12 +259,14 @@ def path_variants(
     terms: list[str] | None,
     natives: list[str] | None = None,
     batched: list[str] | None = None,
+    whole: list[str] | None = None,
 ) -> dict[str, dict]:
     """Each low-rank adapter once per rank-term form (``OPTIONS.rank_term``), each adapter
     with C++ nodes once per native mode (:mod:`mm_spectral.kernels.native`) and each
-    spectral one once per batched-spectra setting asked for, labelled with them."""
+    spectral one once per batched-spectra setting asked for, and each additive low-rank one
+    once per batched-linears setting (``OPTIONS.batched_linears``), labelled with them."""
     axes = (("rank_term", terms, LOW_RANK), ("native", natives, NATIVE),
-            ("batched_spectra", batched, SPECTRAL))  # fmt: skip
+            ("batched_spectra", batched, SPECTRAL), ("batched_linears", whole, WHOLE_DELTA))  # fmt: skip
     if not any(values for _, values, _ in axes):
         return adapters
     expanded = {}
@@ -271,7 +276,12 @@ def path_variants(
         for picked in itertools.product(*choices):
             options = dict(p for p in picked if p is not None)
             tags = [
-                {"rank_term": v, "native": f"native {v}", "batched_spectra": BATCHED_TAGS.get(v)}[k]
+                {
+                    "rank_term": v,
+                    "native": f"native {v}",
+                    "batched_spectra": BATCHED_TAGS.get(v),
+                    "batched_linears": f"linear ΔW batched {v}",
+                }[k]  # fmt: skip
                 for k, v in options.items()
             ]
             label = ", ".join(tags)
@@ -320,6 +330,16 @@ def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
         "('on'; alone: on in every mode) or one per layer ('off'); both: each variant both "
         "ways. Default: as AdaptedBackbone (on in eager steps)",
     )
+    parser.add_argument(
+        "--batched-linears",
+        nargs="+",
+        default=None,
+        choices=["on", "off"],
+        help="run each LoRA/DoRA/FLoRA/FoRA variant once per setting given: 'on' (default) "
+        "builds the linears' whole ΔW in one batch per same-shape chunk and steps them as "
+        "W0 + ΔW (OPTIONS.batched_linears, where the rank term is dense and the tokens "
+        "few), 'off' per layer",
+    )
 
 
 def run_options(cfg: dict | None) -> dict[str, str]:
@@ -327,21 +347,32 @@ def run_options(cfg: dict | None) -> dict[str, str]:
     return {k: cfg[k] for k in RUN_OPTIONS if cfg and k in cfg}
 
 
+@contextlib.contextmanager
+def applied(options: dict[str, str]) -> Iterator[None]:
+    """``OPTIONS.rank_term``, ``OPTIONS.batched_linears`` and the native mode set as
+    ``options`` say while inside (the variant's build too: whether a model plans batched
+    builds before each forward depends on them)."""
+    term, native, whole = OPTIONS.rank_term, native_mode(), OPTIONS.batched_linears
+    OPTIONS.rank_term = options.get("rank_term", term)
+    OPTIONS.batched_linears = options.get("batched_linears", whole)
+    set_native_mode(options.get("native", native))
+    try:
+        yield
+    finally:
+        OPTIONS.rank_term = term
+        OPTIONS.batched_linears = whole
+        set_native_mode(native)
+
+
 def with_run_options(step: Callable[[], float], options: dict[str, str]) -> Callable[[], float]:
-    """``step`` run with ``OPTIONS.rank_term`` and the native mode set as ``options`` say
-    (both read as each op is issued, so interleaved variants each keep their own)."""
+    """``step`` run with the options ``options`` sets (:func:`applied`; read as each op
+    is issued, so interleaved variants each keep their own)."""
     if not options:
         return step
 
     def run() -> float:
-        term, native = OPTIONS.rank_term, native_mode()
-        OPTIONS.rank_term = options.get("rank_term", term)
-        set_native_mode(options.get("native", native))
-        try:
+        with applied(options):
             return step()
-        finally:
-            OPTIONS.rank_term = term
-            set_native_mode(native)
 
     return run
 
@@ -374,7 +405,8 @@ def prepare(
     dtype = getattr(torch, args.dtype)
     # float16 steps scale the loss, as OpenMMLab's AmpOptimWrapper does (mmdet's AMP).
     scaler = torch.amp.GradScaler(x.device.type) if dtype == torch.float16 else None
-    step = train_step_fn(model, x, dtype, scaler, mode=args.mode, batched_spectra=batched)
+    with applied(options or {}):
+        step = train_step_fn(model, x, dtype, scaler, mode=args.mode, batched_spectra=batched)
     return Prepared(label, model, with_run_options(step, options or {}), batched)
 
 
@@ -780,8 +812,9 @@ def main() -> None:
             if any(name.startswith(w) for w in args.variants)
         }
     args.adapters = path_variants(
-        args.adapters, args.rank_term, args.native, args.batched_spectra or None
-    )
+        args.adapters, args.rank_term, args.native, args.batched_spectra or None,
+        args.batched_linears,
+    )  # fmt: skip
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     asked = args.batched_spectra

@@ -37,6 +37,7 @@ from mm_spectral.compile import compile_modules  # noqa: E402
 from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 from tools.benchmark import (  # noqa: E402
     add_run_option_arguments,
+    applied,
     path_variants,
     require_native_nodes,
     run_options,
@@ -206,7 +207,8 @@ def prepare_config(
         if cfg.model.backbone.type == "AdaptedBackbone":
             cfg.model.backbone.compile = True  # the user-facing switch
     torch.manual_seed(0)  # the same frozen backbone weights in every variant
-    with torch.device(args.device):  # allocate and initialise on the device (6B: seconds)
+    # Built under the variant's options: whether it plans batched builds depends on them.
+    with torch.device(args.device), applied(options or {}):  # on the device (6B: seconds)
         model = build_model(cfg).train()
     model.to(args.device)  # also tells the data preprocessor which device it is on
     share_heads(model, _SHARED_HEADS)
@@ -379,6 +381,7 @@ def main() -> None:
         args.rank_term,
         args.native,
         args.batched_spectra or None,
+        args.batched_linears,
     )
     runs = [(label, cfg["path"], run_options(cfg)) for label, cfg in expanded.items()]
     chosen = {label: path for label, path, _ in runs}

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.dispatch import batched_delta_linear
 from ..kernels.native import native_ops
 from .bias_cast import compute_bias
 from .functional import delta_linear, low_rank_linear, outside_autocast
-from .stash import take_stash
+from .stash import TOKENS, WHOLE_DELTA, take_stash
 
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
@@ -220,6 +221,8 @@ class LowRankAdapter(BaseAdapter):
     with the base layer's stride, padding and dilation and ``up`` as a 1×1 conv.
     """
 
+    rank: int  # the inner dimension r of up @ down (FLoRA: its core's output-mode size)
+
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         raise NotImplementedError
 
@@ -227,6 +230,27 @@ class LowRankAdapter(BaseAdapter):
     def factored(self) -> bool:
         """Whether the forward runs ``x → down → up`` (else the dense path with ΔW)."""
         return self.spec.factorable
+
+    def batches_linear_delta(self) -> bool:
+        """Whether, on a linear, a batched build (:func:`mm_spectral.enable_batched_spectra`)
+        should make this adapter's whole weight change (ΔW; DoRA's W' − W0) and the layer
+        step as W0 + ΔW (:func:`mm_spectral.kernels.dispatch.batched_delta_linear`, by the
+        tokens of the layer's last forward)."""
+        if self.spec.kind != "linear":
+            return False
+        out_features, in_features = self.spec.weight_shape
+        tokens = self.__dict__.get(TOKENS)
+        return batched_delta_linear(tokens, out_features, in_features, self.rank)
+
+    def planned_delta(self, x: Tensor) -> Tensor | None:
+        """On a linear: the whole weight change a batched build made for this forward,
+        where the plan said so (:data:`~mm_spectral.adapters.stash.WHOLE_DELTA`); records
+        the tokens for the next plan."""
+        if torch.compiler.is_compiling():  # a compiled model plans nothing (no stash)
+            return None
+        state = self.__dict__
+        state[TOKENS] = x.numel() // x.shape[-1] if x.dim() else 0
+        return take_stash(self) if state.get(WHOLE_DELTA) else None
 
     def delta(self) -> Tensor:
         """s · up down, float32 under autocast too: a weight-sized product of thin factors,
@@ -251,6 +275,10 @@ class LowRankAdapter(BaseAdapter):
     def forward(self, x: Tensor, layer: nn.Module) -> Tensor:
         if not self.factored:
             return super().forward(x, layer)
+        if self.spec.kind == "linear":
+            delta = self.planned_delta(x)  # the whole ΔW, from a batched build
+            if delta is not None:
+                return delta_linear(x, layer.weight, layer.bias, delta)
         return self.factored_forward(x, layer, layer.bias)
 
     def factored_forward(self, x: Tensor, layer: nn.Module, bias: Tensor | None) -> Tensor:

@@ -15,6 +15,9 @@ batch, and one ``rfft2`` plus one gather in the backward.
   (:mod:`mm_spectral.adapters.batched_tucker`); :func:`batched_low_rank_deltas` and
   :func:`batched_fora_deltas` for the ΔW = s·B A that LoRA, DoRA and FoRA build where
   they cannot run factored (grouped convs: ConvNeXt's 7×7 depthwise layers), one ``bmm``;
+  these, :func:`batched_flora_linear_deltas` and :func:`batched_dora_deltas` (W' − W0)
+  also for the low-rank linears that step as W0 + ΔW with few tokens
+  (:func:`mm_spectral.kernels.dispatch.batched_delta_linear`);
 - :func:`enable_batched_spectra` — a forward pre-hook that plans, before each forward,
   batched builds of a model's spectral ΔW / factors (and the Tucker and low-rank
   products above) in chunks, each made by the first of its layers to run, and hands each
@@ -35,18 +38,22 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from .base import AdaptedLayerMixin
+from ..kernels.dispatch import batched_delta_linear
+from .base import AdaptedLayerMixin, LowRankAdapter
+from .batched_dora import batched_rescaled_deltas
 from .batched_tucker import (
     batched_conv_tucker_deltas,
     batched_core_products,
     batched_low_rank_products,
+    batched_tucker_linear_deltas,
 )
+from .dora import DoRA
 from .flora import FLoRA
 from .fora import FoRA
 from .fourierft import FourierFT
-from .functional import outside_autocast
+from .functional import outside_autocast, scaled_bmm
 from .lora import LoRA
-from .stash import stash, stash_builder
+from .stash import WHOLE_DELTA, stash, stash_builder
 
 
 def _layer_slots(rows: int, cols: int) -> int:
@@ -247,21 +254,36 @@ def batched_low_rank_deltas(adapters: Sequence[LoRA]) -> list[Tensor]:
     return list(deltas.unbind(0))
 
 
+_BASE = "_batched_base_weight"  # a DoRA linear's W0, set by the plan (_groups) for its build
+
+
+def batched_dora_deltas(adapters: Sequence[DoRA]) -> list[Tensor]:
+    """Each DoRA linear's weight change W' − W0 (float32, (out, in)) from one batched build
+    (:mod:`mm_spectral.adapters.batched_dora`), for linears that step as W0 + ΔW'. Reads
+    each layer's frozen W0 where the plan left it on the adapter."""
+    _same_shape(adapters, _low_rank_shapes, "batched_dora_deltas")
+    deltas = batched_rescaled_deltas(
+        [a.__dict__[_BASE] for a in adapters], [a.lora_B for a in adapters],
+        [a.lora_A for a in adapters], [a.magnitude for a in adapters], adapters[0].scale,
+    )  # fmt: skip
+    return list(deltas.unbind(0))
+
+
 def batched_fora_deltas(adapters: Sequence[FoRA], cache: SlotCache | None = None) -> list[Tensor]:
     """Each FoRA adapter's ``delta()`` on a layer it cannot run factored: its factors from
     two batched spectral builds, then one batched product."""
     downs, ups = _fora_stacks(adapters, cache, "batched_fora_deltas")
-    deltas = _float32_bmm(ups, downs)  # float32, as LowRankAdapter.delta
-    scale = adapters[0].scale
-    return list((deltas if scale == 1.0 else deltas.mul_(scale)).unbind(0))
+    # float32, as LowRankAdapter.delta; the scale in the GEMM's alpha
+    deltas = _float32(scaled_bmm, ups, downs, adapters[0].scale)
+    return list(deltas.unbind(0))
 
 
-def _float32_bmm(a: Tensor, b: Tensor) -> Tensor:
-    """``torch.bmm(a, b)`` of float32 operands, kept float32 under autocast."""
-    device_type = a.device.type
+def _float32(fn: Any, *args: Any) -> Tensor:
+    """``fn(*args)`` of float32 operands, kept float32 under autocast."""
+    device_type = args[0].device.type
     if torch.is_autocast_enabled(device_type):
-        return outside_autocast(device_type, torch.bmm, a, b)
-    return torch.bmm(a, b)
+        return outside_autocast(device_type, fn, *args)
+    return fn(*args)
 
 
 def _flora_shapes(adapter: FLoRA) -> tuple:
@@ -278,6 +300,19 @@ def batched_flora_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
     deltas = batched_conv_tucker_deltas(
         [a.core for a in adapters], [a.factor_tensors() for a in adapters], adapters[0].scale
     )
+    return list(deltas.unbind(0))
+
+
+def batched_flora_linear_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
+    """Each linear FLoRA adapter's whole ΔW = s · U_out core U_inᵀ (float32, (out, in)) from
+    two batched ``bmm``, for linears that step as W0 + ΔW
+    (:meth:`~mm_spectral.adapters.base.LowRankAdapter.batches_linear_delta`)."""
+    _same_shape(adapters, _flora_shapes, "batched_flora_linear_deltas")
+    factors = [a.factor_tensors() for a in adapters]
+    deltas = batched_tucker_linear_deltas(
+        [a.core for a in adapters], [f[0] for f in factors], [f[1] for f in factors],
+        adapters[0].scale,
+    )  # fmt: skip
     return list(deltas.unbind(0))
 
 
@@ -315,19 +350,37 @@ def _group_key(adapter: nn.Module) -> tuple | None:
     ungrouped conv runs factored)."""
     if isinstance(adapter, FourierFT):
         return ("FourierFT", adapter.spec.matrix_shape)
-    if isinstance(adapter, FoRA):  # factors, or where it runs unfactored its ΔW
-        if adapter.factored:
+    # Low-rank linears that step as W0 + ΔW (_whole_delta) batch their whole ΔW, as the
+    # layers that cannot run factored (grouped convs) do.
+    if isinstance(adapter, FoRA):  # factors, or its ΔW
+        if adapter.factored and not _whole_delta(adapter):
             return ("FoRA", adapter.a_shape, adapter.b_shape)
         return ("FoRA-delta", adapter.a_shape, adapter.b_shape, adapter.scale)
-    if isinstance(adapter, LoRA):  # LoRA and DoRA: ΔW where they run unfactored
-        return None if adapter.factored else ("low-rank", *_low_rank_shapes(adapter))
+    if isinstance(adapter, LoRA):  # LoRA and DoRA: their ΔW (DoRA's linears: W' − W0)
+        if not adapter.factored:
+            return ("low-rank", *_low_rank_shapes(adapter))
+        if not _whole_delta(adapter):
+            return None
+        kind = "DoRA-linear" if isinstance(adapter, DoRA) else "low-rank"
+        return (kind, *_low_rank_shapes(adapter))
     if isinstance(adapter, FLoRA):
-        # a linear's down factor or a grouped conv's ΔW (ungrouped convs build per layer)
+        # a linear's ΔW or down factor, a grouped conv's ΔW (ungrouped convs build per layer)
         if adapter.spec.kind == "linear":
+            if _whole_delta(adapter):
+                return ("FLoRA-linear-delta", *_flora_shapes(adapter))
             return ("FLoRA-linear", *_flora_shapes(adapter))
         if not adapter.factored:
             return ("FLoRA", *_flora_shapes(adapter))
     return None
+
+
+def _whole_delta(adapter: LowRankAdapter) -> bool:
+    """Whether a low-rank adapter on a linear takes its whole weight change from this plan's
+    batched build (:meth:`~mm_spectral.adapters.base.LowRankAdapter.batches_linear_delta`);
+    recorded on the adapter, which its forward reads (its stash then holds that change)."""
+    whole = adapter.batches_linear_delta()
+    adapter.__dict__[WHOLE_DELTA] = whole
+    return whole
 
 
 def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
@@ -356,6 +409,11 @@ def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
         if layer.merged:
             continue
         key = _group_key(adapter)
+        if key is not None and key[0] == "DoRA-linear":
+            if layer.weight.requires_grad:  # its batched build takes W0 as frozen
+                adapter.__dict__[WHOLE_DELTA] = False
+                continue
+            adapter.__dict__[_BASE] = layer.weight
         if key is not None:
             found.append((key, adapter))
     # The stack visits layers last-first: back in module order, a shared layer at its first
@@ -370,8 +428,32 @@ def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
 
 
 def has_batched_spectra(model: nn.Module) -> bool:
-    """Whether ``model`` has a group of same-shape spectral layers a batched build serves."""
-    return bool(_groups(model))
+    """Whether ``model`` has a group of same-shape layers a batched build serves, now or
+    once its linears' tokens are known (:func:`_linears_may_batch`)."""
+    return bool(_groups(model)) or _linears_may_batch(model)
+
+
+def _linears_may_batch(model: nn.Module) -> bool:
+    """Whether two same-shape low-rank linears of ``model`` would take their whole weight
+    change from a batched build with few tokens (which the plan learns at their first
+    forward: before it, a model of such linears alone has no group yet)."""
+    seen: set[tuple] = set()
+    for module in model.modules():
+        if _role(type(module)) == _SHARDED:
+            return False  # FSDP units build their own
+        if _role(type(module)) != _ADAPTED or module.merged:
+            continue
+        adapter = module._modules["adapter"]
+        if not isinstance(adapter, LowRankAdapter) or adapter.spec.kind != "linear":
+            continue
+        out_features, in_features = adapter.spec.weight_shape
+        one_token = batched_delta_linear(1, out_features, in_features, adapter.rank)
+        key = (type(adapter), adapter.spec.weight_shape, adapter.rank)
+        if one_token and adapter.factored:
+            if key in seen:
+                return True
+            seen.add(key)
+    return False
 
 
 def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> None:
@@ -382,8 +464,12 @@ def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> 
         results = batched_flora_deltas(members)
     elif kind == "FLoRA-linear":
         results = batched_flora_downs(members)
+    elif kind == "FLoRA-linear-delta":
+        results = batched_flora_linear_deltas(members)
     elif kind == "low-rank":
         results = batched_low_rank_deltas(members)
+    elif kind == "DoRA-linear":
+        results = batched_dora_deltas(members)
     elif kind == "FoRA-delta":
         results = batched_fora_deltas(members, cache)
     else:
@@ -408,10 +494,12 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
 def _layer_bytes(adapter: nn.Module) -> int:
-    """Bytes of what a batched build makes for one layer (float32 ΔW or factor pair)."""
-    if isinstance(adapter, FLoRA) and adapter.spec.kind == "linear":
+    """Bytes of what a batched build makes for one layer (float32 ΔW, down factor or factor
+    pair)."""
+    delta = adapter.__dict__.get(WHOLE_DELTA, False)
+    if isinstance(adapter, FLoRA) and adapter.spec.kind == "linear" and not delta:
         return 4 * adapter.core.shape[0] * adapter.spec.weight_shape[1]
-    if isinstance(adapter, FoRA) and adapter.factored:
+    if isinstance(adapter, FoRA) and adapter.factored and not delta:
         return 4 * (math.prod(adapter.a_shape) + math.prod(adapter.b_shape))
     return 4 * math.prod(adapter.spec.matrix_shape)  # a ΔW
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .functional import _as, outside_autocast
+from .functional import _as, outside_autocast, scaled_bmm
 
 
 def _kron(u_in: Tensor, u_h: Tensor, u_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,20 +94,21 @@ class _BatchedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scale, transpose, *tensors):  # type: ignore[override]
         xs, ys = torch.stack(tensors[0::2]), torch.stack(tensors[1::2])
-        out = torch.bmm(xs, ys.transpose(1, 2) if transpose else ys)
         ctx.save_for_backward(xs, ys)
         ctx.scale, ctx.transpose = scale, transpose
-        return out if scale == 1.0 else out.mul_(scale)
+        # The scale in the GEMMs' alpha: no pass over the (weight-sized) product or its
+        # gradient to scale them.
+        return scaled_bmm(xs, ys.transpose(1, 2) if transpose else ys, scale)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         xs, ys = ctx.saved_tensors
-        g = grad_out.to(xs.dtype)
-        g = g if ctx.scale == 1.0 else g * ctx.scale
-        if ctx.transpose:  # out = X Yᵀ: dX = g Y, dY = gᵀ X
-            grad_x, grad_y = torch.bmm(g, ys), torch.bmm(g.transpose(1, 2), xs)
-        else:  # out = X Y: dX = g Yᵀ, dY = Xᵀ g
-            grad_x, grad_y = torch.bmm(g, ys.transpose(1, 2)), torch.bmm(xs.transpose(1, 2), g)
+        g, s = grad_out.to(xs.dtype), ctx.scale
+        if ctx.transpose:  # out = s·X Yᵀ: dX = s·g Y, dY = s·gᵀ X
+            grad_x, grad_y = scaled_bmm(g, ys, s), scaled_bmm(g.transpose(1, 2), xs, s)
+        else:  # out = s·X Y: dX = s·g Yᵀ, dY = s·Xᵀ g
+            grad_x = scaled_bmm(g, ys.transpose(1, 2), s)
+            grad_y = scaled_bmm(xs.transpose(1, 2), g, s)
         pairs = zip(grad_x.unbind(0), grad_y.unbind(0))
         return (None, None, *(t for pair in pairs for t in pair))
 
@@ -136,3 +137,45 @@ def batched_low_rank_products(
     """(L, out, fan_in) float32: layer ℓ's ΔW = scale · ups[ℓ] downs[ℓ] (LoRA's B A), all
     in one ``bmm``. Float32 under autocast too, as :meth:`LowRankAdapter.delta`."""
     return _batched_products(ups, downs, scale, False, "batched_low_rank_products")
+
+
+class _BatchedTuckerLinear(torch.autograd.Function):
+    """ΔW_ℓ = scale · U_out,ℓ G_ℓ U_in,ℓᵀ for L linears at once: (L, out, in) float32.
+    Inputs: the scale, then per layer core, U_out, U_in. The whole ΔW of a FLoRA linear,
+    for the layers that step as W0 + ΔW (:func:`mm_spectral.kernels.dispatch.batched_delta_linear`)."""
+
+    @staticmethod
+    def forward(ctx, scale, *tensors):  # type: ignore[override]
+        core, u_out, u_in = (torch.stack(tensors[k::3]) for k in range(3))
+        # The scale goes into the small down factor, never over the weight-sized product.
+        down = scaled_bmm(core, u_in.transpose(1, 2), scale)  # (L, J_out, in)
+        ctx.save_for_backward(core, u_out, u_in, down)
+        ctx.scale = scale
+        return torch.bmm(u_out, down)
+
+    @staticmethod
+    def backward(ctx, grad_delta):  # type: ignore[override]
+        core, u_out, u_in, down = ctx.saved_tensors
+        g, s = grad_delta.to(core.dtype), ctx.scale
+        grad_out = torch.bmm(g, down.transpose(1, 2))  # down holds the scale
+        grad_down = torch.bmm(u_out.transpose(1, 2), g)  # (L, J_out, in), of the scaled down
+        grad_core = scaled_bmm(grad_down, u_in, s)
+        grad_in = scaled_bmm(grad_down.transpose(1, 2), core, s)
+        per_role = (grad_core, grad_out, grad_in)
+        return (None, *(t for layer in zip(*(p.unbind(0) for p in per_role)) for t in layer))
+
+
+def batched_tucker_linear_deltas(
+    cores: Sequence[Tensor], u_out: Sequence[Tensor], u_in: Sequence[Tensor], scale: float
+) -> Tensor:
+    """(L, out, in) float32: layer ℓ's FLoRA linear ΔW = scale · u_out[ℓ] cores[ℓ] u_in[ℓ]ᵀ,
+    from two ``bmm`` (same shapes throughout). Float32 under autocast too."""
+    if not cores:
+        raise ValueError("batched_tucker_linear_deltas needs at least one layer")
+    device_type = cores[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return outside_autocast(
+            device_type, batched_tucker_linear_deltas, cores, u_out, u_in, scale
+        )
+    tensors = [_as(t, torch.float32) for trio in zip(cores, u_out, u_in) for t in trio]
+    return _BatchedTuckerLinear.apply(float(scale), *tensors)

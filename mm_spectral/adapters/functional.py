@@ -88,20 +88,40 @@ def outside_autocast(device_type: str, fn: Callable[..., Tensor], *args: Any) ->
 _ZEROS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
-def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """scale · a b with the scale in the GEMM's alpha (no multiply op, none in the
-    backward either): ``addmm`` of a cached 0-d zero with beta 0."""
-    if scale == 1.0:
-        return torch.mm(a, b)
+def _zero(a: Tensor) -> Tensor | None:
+    """A cached 0-d zero on ``a``'s device and dtype (None where none may be made now:
+    while compiling or capturing a CUDA graph, no tensor is cached from inside a graph)."""
     key = (a.device, a.dtype)
     zero = _ZEROS.get(key)
     if zero is None:
         if torch.compiler.is_compiling() or (
             a.is_cuda and torch.cuda.is_current_stream_capturing()
         ):
-            return torch.mm(a, b).mul_(scale)  # no tensor cached from inside a graph
+            return None
         zero = _ZEROS[key] = torch.zeros((), device=a.device, dtype=a.dtype)
+    return zero
+
+
+def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """scale · a b with the scale in the GEMM's alpha (no multiply op, none in the
+    backward either): ``addmm`` of a cached 0-d zero with beta 0."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    zero = _zero(a)
+    if zero is None:
+        return torch.mm(a, b).mul_(scale)
     return torch.addmm(zero, a, b, beta=0.0, alpha=scale)
+
+
+def scaled_bmm(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """scale · a_ℓ b_ℓ per batch entry, the scale in the GEMM's alpha (``baddbmm`` of a
+    cached 0-d zero with beta 0): no pass over the product to scale it."""
+    if scale == 1.0:
+        return torch.bmm(a, b)
+    zero = _zero(a)
+    if zero is None:
+        return torch.bmm(a, b).mul_(scale)
+    return torch.baddbmm(zero, a, b, beta=0.0, alpha=scale)
 
 
 def add_as(a: Tensor, b: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
@@ -371,7 +391,9 @@ class RescaledWeightLinear(torch.autograd.Function):
 
 
 class DeltaLinear(torch.autograd.Function):
-    """y = x (W + ΔW)ᵀ + b as one GEMM; ΔW's gradient goes back to its (small) graph."""
+    """y = x (W + ΔW)ᵀ + b as one GEMM; ΔW's gradient goes back to its (small) graph, in
+    ΔW's dtype straight from cuBLAS where it can write it (a float32 ΔW under autocast:
+    no cast op after, and no rounding to half precision on the way)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta):  # type: ignore[override]
@@ -380,7 +402,7 @@ class DeltaLinear(torch.autograd.Function):
         w = add_as(weight, delta, 1.0, dtype)  # W + ΔW in the wider precision, cast on store
         y = F.linear(x2, w, None if bias is None else _as(bias, dtype))
         ctx.save_for_backward(x2, w)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.delta_dtype = x.shape, delta.dtype
         return _shaped(y, x)
 
     @staticmethod
@@ -393,7 +415,7 @@ class DeltaLinear(torch.autograd.Function):
             grad_x = torch.mm(g, w)
             grad_x = grad_x if len(ctx.x_shape) == 2 else grad_x.view(ctx.x_shape)
         if need_w or need_delta:
-            grad_full = torch.mm(g.t(), x2)
+            grad_full = factor_grad(g.t(), x2, 1.0, ctx.delta_dtype if need_delta else g.dtype)
             grad_w = grad_full if need_w else None
             grad_delta = grad_full if need_delta else None
         if need_b:

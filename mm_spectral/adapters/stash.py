@@ -19,6 +19,11 @@ from torch import nn
 
 _STASH = "_prebuilt_stash"
 _BUILDER = "_stash_builder"
+# Set on a low-rank linear's adapter by each plan: whether its stash holds its whole weight
+# change (it then steps as W0 + ΔW) rather than what its own path takes (factors).
+WHOLE_DELTA = "_whole_delta_planned"
+# The tokens a low-rank linear saw in its last forward (what the next plan decides by).
+TOKENS = "_last_tokens"
 
 
 def _versions(adapter: nn.Module) -> list[int]:

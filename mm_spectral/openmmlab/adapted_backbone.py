@@ -52,8 +52,9 @@ def AdaptedBackbone(  # noqa: N802  (a registry name, used like a class in confi
         batched_spectra: build the ΔW / factors of all same-shape FourierFT and FoRA
             layers with one FFT per forward (:func:`mm_spectral.enable_batched_spectra`)
             instead of one per layer, and FLoRA's Tucker products (grouped-conv ΔW, linear
-            down factors) and LoRA / DoRA / FoRA grouped-conv ΔW batched likewise: fewer
-            host ops in eager training. None (default):
+            down factors), LoRA / DoRA / FoRA grouped-conv ΔW and the weight changes of
+            low-rank linears with few tokens (``OPTIONS.batched_linears``) batched likewise:
+            fewer host ops in eager training. None (default):
             on when the backbone has such layers and none of ``cuda_graph``, ``compile``
             and the backbone's ``with_cp`` is set. Not with ``cuda_graph`` (the graph
             replays its own builds) nor ``with_cp`` (its recomputation builds per layer).

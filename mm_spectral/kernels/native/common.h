@@ -96,6 +96,10 @@ inline Tensor bias_grad(AutogradContext* ctx, const Tensor& g) {
   return Tensor();
 }
 
+// scale · a b for a parameter of `dtype`: on CUDA, half inputs and a float32 parameter,
+// cuBLAS writes float32 itself (one op instead of a GEMM and a cast). In low_rank_linear.cpp.
+Tensor factor_grad(const Tensor& a, const Tensor& b, double scale, at::ScalarType dtype);
+
 // Entry points (see module.cpp for what each computes).
 Tensor low_rank_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                        const Tensor& down, const Tensor& up, double scale, int64_t form);

@@ -31,7 +31,9 @@ const c10::TypedOperatorHandle<MmOutDtype>* mm_out_dtype() {
   return handle.has_value() ? &*handle : nullptr;
 }
 
-// scale · a b for a parameter of `dtype` (factor_grad in functional.py).
+}  // namespace
+
+// scale · a b for a parameter of `dtype` (factor_grad in functional.py; declared in common.h).
 Tensor factor_grad(const Tensor& a, const Tensor& b, double scale, at::ScalarType dtype) {
   Tensor grad;
   const auto* op = mm_out_dtype();
@@ -42,6 +44,8 @@ Tensor factor_grad(const Tensor& a, const Tensor& b, double scale, at::ScalarTyp
   }
   return scale == 1.0 ? grad : grad.mul_(scale);
 }
+
+namespace {
 
 // How the rank term is stepped: mm_spectral.kernels.dispatch.FORMS, by index.
 enum Form : int64_t { kOutput = 0, kWeight = 1, kDense = 2 };

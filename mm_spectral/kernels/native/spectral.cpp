@@ -46,7 +46,8 @@ struct SparseSpectrumToReal : public torch::autograd::Function<SparseSpectrumToR
   }
 };
 
-// y = x (W + ΔW)ᵀ + b as one GEMM; ΔW's gradient (gᵀx) goes back to its own graph.
+// y = x (W + ΔW)ᵀ + b as one GEMM; ΔW's gradient (gᵀx, in ΔW's dtype where cuBLAS can write
+// it) goes back to its own graph.
 struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const std::optional<Tensor>& bias, const Tensor& delta) {
@@ -57,6 +58,7 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
     const Tensor w = add_as(weight, delta, 1.0, dtype);
     const Tensor y = at::linear(x2, w, bias.has_value() ? as_dtype(*bias, dtype) : Tensor());
     ctx->saved_data["x_shape"] = x.sizes();
+    ctx->saved_data["delta_dtype"] = delta.scalar_type();
     return finish_forward(ctx, {x2, w}, bias.has_value(), y, x);
   }
 
@@ -73,7 +75,10 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
       grad_x = input_shaped(ctx, at::mm(g, w));
     }
     if (need_w || need_delta) {
-      const Tensor grad_full = at::mm(g.t(), x2);
+      // In ΔW's dtype out of cuBLAS where it can write it (float32 ΔW, half g).
+      const auto dtype = need_delta ? ctx->saved_data["delta_dtype"].toScalarType()
+                                    : g.scalar_type();
+      const Tensor grad_full = factor_grad(g.t(), x2, 1.0, dtype);
       grad_w = need_w ? grad_full : Tensor();
       grad_delta = need_delta ? grad_full : Tensor();
     }
