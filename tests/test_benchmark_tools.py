@@ -316,3 +316,27 @@ def test_model_benchmark_variants_share_neck_and_heads():
         assert torch.equal(first.state_dict()[name], second.state_dict()[name])
     assert torch.equal(second.backbone.weight, backbone)
     assert len(store) == 2 and other.neck.weight.shape == (6, 4)
+
+
+def test_batched_linears_variants_and_their_options():
+    """--batched-linears on off: each low-rank variant once per setting (FourierFT, which
+    has no low-rank linears, once), and each variant built and stepped with its own
+    ``OPTIONS.batched_linears`` (``applied``), restored afterwards."""
+    sys.path.insert(0, str(REPO))
+    from mm_spectral.kernels import OPTIONS
+    from tools import benchmark
+
+    adapters = {name: benchmark.ADAPTERS[name] for name in ("LoRA r16", "FourierFT n3000")}
+    expanded = benchmark.path_variants(adapters, None, None, None, ["on", "off"])
+    assert set(expanded) == {
+        "LoRA r16 [linear ΔW batched on]",
+        "LoRA r16 [linear ΔW batched off]",
+        "FourierFT n3000",
+    }
+    before = OPTIONS.batched_linears
+    for setting in ("on", "off"):
+        options = benchmark.run_options(expanded[f"LoRA r16 [linear ΔW batched {setting}]"])
+        assert options == {"batched_linears": setting}
+        seen = benchmark.with_run_options(lambda: OPTIONS.batched_linears, options)()
+        assert seen == setting
+        assert OPTIONS.batched_linears == before
