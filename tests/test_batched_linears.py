@@ -225,3 +225,9 @@ def test_a_trainable_base_keeps_dora_linears_per_layer(whole_deltas):
     assert [k for k, _ in batched_spectra._groups(model)] == ["DoRA-linear"]
     model[1].weight.requires_grad_(True)
     assert batched_spectra._groups(model) == []
+
+
+def test_dora_deltas_need_the_plan_to_hand_over_the_base_weights():
+    adapters = [layer.adapter for layer in adapted_linears("DoRA").fc[1:]]
+    with pytest.raises(ValueError, match="base weight"):
+        batched_spectra.batched_dora_deltas(adapters)

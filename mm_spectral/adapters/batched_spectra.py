@@ -260,10 +260,17 @@ _BASE = "_batched_base_weight"  # a DoRA linear's W0, set by the plan (_groups) 
 def batched_dora_deltas(adapters: Sequence[DoRA]) -> list[Tensor]:
     """Each DoRA linear's weight change W' − W0 (float32, (out, in)) from one batched build
     (:mod:`mm_spectral.adapters.batched_dora`), for linears that step as W0 + ΔW'. Reads
-    each layer's frozen W0 where the plan left it on the adapter."""
+    each layer's frozen W0 where the plan left it on the adapter (and takes it off: the
+    next plan sets it again)."""
     _same_shape(adapters, _low_rank_shapes, "batched_dora_deltas")
+    weights = [a.__dict__.pop(_BASE, None) for a in adapters]
+    if any(w is None for w in weights):
+        raise ValueError(
+            "batched_dora_deltas needs each layer's base weight, which the plan of "
+            "enable_batched_spectra / build_batched_spectra hands over"
+        )
     deltas = batched_rescaled_deltas(
-        [a.__dict__[_BASE] for a in adapters], [a.lora_B for a in adapters],
+        weights, [a.lora_B for a in adapters],
         [a.lora_A for a in adapters], [a.magnitude for a in adapters], adapters[0].scale,
     )  # fmt: skip
     return list(deltas.unbind(0))
