@@ -391,9 +391,10 @@ def _whole_delta(adapter: LowRankAdapter) -> bool:
 
 
 def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """Unmerged FourierFT / FoRA / FLoRA adapters (FLoRA's on linears and grouped convs) of
-    ``model`` grouped by shape (groups of ≥ 2); none when FSDP units sit inside ``model`` (their layers build
-    their own spectra).
+    """Unmerged FourierFT / FoRA / FLoRA adapters (FLoRA's on linears and grouped convs),
+    low-rank adapters on grouped convs and on linears that take their whole weight change
+    (:func:`_whole_delta`) of ``model`` grouped by shape (groups of ≥ 2); none when FSDP
+    units sit inside ``model`` (their layers build their own).
 
     Walks ``_modules`` directly and stops at adapted layers (they hold only their adapter):
     run before every forward, ``model.modules()`` cost about 4 times as much host time.
