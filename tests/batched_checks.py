@@ -29,6 +29,18 @@ class DepthwiseStack(nn.Module):
         return self.pw(self.other(x))
 
 
+def assert_same_values_and_gradients(got, want, params) -> None:
+    """``got`` equals ``want`` (a reference written independently), and so do their
+    gradients to every tensor in ``params`` under one random probe (none all zero)."""
+    torch.testing.assert_close(got, want)
+    probe = torch.randn_like(want)
+    grads = torch.autograd.grad((got * probe).sum(), params)
+    refs = torch.autograd.grad((want * probe).sum(), params)
+    for g, r in zip(grads, refs):
+        assert r.abs().max() > 0
+        torch.testing.assert_close(g, r)
+
+
 def top_level_ops(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()

@@ -46,6 +46,7 @@ from mm_spectral.kernels.spectral_grad import (
     spectrum_columns,
 )
 
+from batched_checks import assert_same_values_and_gradients
 from conftest import randomize_adapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,13 +242,7 @@ def test_batched_spectra_equal_per_layer_builds():
             for c, p, s in zip(coefficients, positions, scales)
         ]
     )
-    torch.testing.assert_close(batched, single)
-    probe = torch.randn_like(single)
-    got = torch.autograd.grad((batched * probe).sum(), coefficients)
-    want = torch.autograd.grad((single * probe).sum(), coefficients)
-    for g, w in zip(got, want):
-        assert w.abs().max() > 0
-        torch.testing.assert_close(g, w)
+    assert_same_values_and_gradients(batched, single, coefficients)
 
 
 def _spectral_model(method: str) -> nn.Module:

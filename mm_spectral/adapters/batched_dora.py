@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .functional import _as, outside_autocast, scaled_bmm
+from .functional import _as, outside_autocast, scaled_mm
 
 
 def _stacked(weights: Sequence[Tensor]) -> Tensor:
@@ -55,8 +55,8 @@ class _BatchedRescaledDelta(torch.autograd.Function):
         summed = torch.baddbmm(_stacked(weights), ups, downs, alpha=scale)
         grad_m = summed.mul_(g).sum(2).div_(norm)
         g_sum = g.mul_(channel.unsqueeze(2)) if g is not grad_out else g * channel.unsqueeze(2)
-        grad_up = scaled_bmm(g_sum, downs.transpose(1, 2), scale)
-        grad_down = scaled_bmm(ups.transpose(1, 2), g_sum, scale)
+        grad_up = scaled_mm(g_sum, downs.transpose(1, 2), scale)
+        grad_down = scaled_mm(ups.transpose(1, 2), g_sum, scale)
         per_layer = zip(grad_up.unbind(0), grad_down.unbind(0), grad_m.unbind(0))
         return (None, *(t for up, down, m in per_layer for t in (None, up, down, m)))
 

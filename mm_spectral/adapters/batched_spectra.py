@@ -51,7 +51,7 @@ from .dora import DoRA
 from .flora import FLoRA
 from .fora import FoRA
 from .fourierft import FourierFT
-from .functional import outside_autocast, scaled_bmm
+from .functional import outside_autocast, scaled_mm
 from .lora import LoRA
 from .stash import WHOLE_DELTA, stash, stash_builder
 
@@ -281,7 +281,7 @@ def batched_fora_deltas(adapters: Sequence[FoRA], cache: SlotCache | None = None
     two batched spectral builds, then one batched product."""
     downs, ups = _fora_stacks(adapters, cache, "batched_fora_deltas")
     # float32, as LowRankAdapter.delta; the scale in the GEMM's alpha
-    deltas = _float32(scaled_bmm, ups, downs, adapters[0].scale)
+    deltas = _float32(scaled_mm, ups, downs, adapters[0].scale)
     return list(deltas.unbind(0))
 
 

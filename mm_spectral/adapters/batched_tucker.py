@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .functional import _as, outside_autocast, scaled_bmm
+from .functional import _as, outside_autocast, scaled_mm
 
 
 def _kron(u_in: Tensor, u_h: Tensor, u_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,17 +98,17 @@ class _BatchedProduct(torch.autograd.Function):
         ctx.scale, ctx.transpose = scale, transpose
         # The scale in the GEMMs' alpha: no pass over the (weight-sized) product or its
         # gradient to scale them.
-        return scaled_bmm(xs, ys.transpose(1, 2) if transpose else ys, scale)
+        return scaled_mm(xs, ys.transpose(1, 2) if transpose else ys, scale)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         xs, ys = ctx.saved_tensors
         g, s = grad_out.to(xs.dtype), ctx.scale
         if ctx.transpose:  # out = s·X Yᵀ: dX = s·g Y, dY = s·gᵀ X
-            grad_x, grad_y = scaled_bmm(g, ys, s), scaled_bmm(g.transpose(1, 2), xs, s)
+            grad_x, grad_y = scaled_mm(g, ys, s), scaled_mm(g.transpose(1, 2), xs, s)
         else:  # out = s·X Y: dX = s·g Yᵀ, dY = s·Xᵀ g
-            grad_x = scaled_bmm(g, ys.transpose(1, 2), s)
-            grad_y = scaled_bmm(xs.transpose(1, 2), g, s)
+            grad_x = scaled_mm(g, ys.transpose(1, 2), s)
+            grad_y = scaled_mm(xs.transpose(1, 2), g, s)
         pairs = zip(grad_x.unbind(0), grad_y.unbind(0))
         return (None, None, *(t for pair in pairs for t in pair))
 
@@ -148,7 +148,7 @@ class _BatchedTuckerLinear(torch.autograd.Function):
     def forward(ctx, scale, *tensors):  # type: ignore[override]
         core, u_out, u_in = (torch.stack(tensors[k::3]) for k in range(3))
         # The scale goes into the small down factor, never over the weight-sized product.
-        down = scaled_bmm(core, u_in.transpose(1, 2), scale)  # (L, J_out, in)
+        down = scaled_mm(core, u_in.transpose(1, 2), scale)  # (L, J_out, in)
         ctx.save_for_backward(core, u_out, u_in, down)
         ctx.scale = scale
         return torch.bmm(u_out, down)
@@ -159,8 +159,8 @@ class _BatchedTuckerLinear(torch.autograd.Function):
         g, s = grad_delta.to(core.dtype), ctx.scale
         grad_out = torch.bmm(g, down.transpose(1, 2))  # down holds the scale
         grad_down = torch.bmm(u_out.transpose(1, 2), g)  # (L, J_out, in), of the scaled down
-        grad_core = scaled_bmm(grad_down, u_in, s)
-        grad_in = scaled_bmm(grad_down.transpose(1, 2), core, s)
+        grad_core = scaled_mm(grad_down, u_in, s)
+        grad_in = scaled_mm(grad_down.transpose(1, 2), core, s)
         per_role = (grad_core, grad_out, grad_in)
         return (None, *(t for layer in zip(*(p.unbind(0) for p in per_role)) for t in layer))
 

@@ -103,25 +103,17 @@ def _zero(a: Tensor) -> Tensor | None:
 
 
 def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """scale · a b with the scale in the GEMM's alpha (no multiply op, none in the
-    backward either): ``addmm`` of a cached 0-d zero with beta 0."""
+    """scale · a b (per batch entry for 3-D operands) with the scale in the GEMM's alpha
+    (no multiply op, no pass over the product, none in the backward either): ``addmm`` /
+    ``baddbmm`` of a cached 0-d zero with beta 0."""
+    batched = a.dim() == 3
     if scale == 1.0:
-        return torch.mm(a, b)
+        return torch.bmm(a, b) if batched else torch.mm(a, b)
     zero = _zero(a)
     if zero is None:
-        return torch.mm(a, b).mul_(scale)
-    return torch.addmm(zero, a, b, beta=0.0, alpha=scale)
-
-
-def scaled_bmm(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """scale · a_ℓ b_ℓ per batch entry, the scale in the GEMM's alpha (``baddbmm`` of a
-    cached 0-d zero with beta 0): no pass over the product to scale it."""
-    if scale == 1.0:
-        return torch.bmm(a, b)
-    zero = _zero(a)
-    if zero is None:
-        return torch.bmm(a, b).mul_(scale)
-    return torch.baddbmm(zero, a, b, beta=0.0, alpha=scale)
+        return (torch.bmm(a, b) if batched else torch.mm(a, b)).mul_(scale)
+    scaled = torch.baddbmm if batched else torch.addmm
+    return scaled(zero, a, b, beta=0.0, alpha=scale)
 
 
 def add_as(a: Tensor, b: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
