@@ -340,3 +340,65 @@ def test_batched_linears_variants_and_their_options():
         seen = benchmark.with_run_options(lambda: OPTIONS.batched_linears, options)()
         assert seen == setting
         assert OPTIONS.batched_linears == before
+
+
+def test_host_phases_time_each_phase_of_a_step():
+    """host_phases: the host's time between a step's marks, per phase (a step that sleeps
+    known spans in its forward, backward, optimizer and final wait)."""
+    import time
+
+    sys.path.insert(0, str(REPO))
+    from tools import benchmark
+
+    spans = (0.03, 0.01, 0.0, 0.02)
+
+    def step(marks=None):
+        for span in spans:
+            time.sleep(span)
+            if marks is not None:
+                marks.append(time.perf_counter())
+        return 0.0
+
+    got = benchmark.host_phases(step, "cpu", iters=3)
+    assert len(got) == len(benchmark.PHASES) == len(spans)
+    for ms, span in zip(got, spans):
+        assert 1e3 * span <= ms < 1e3 * span + 8
+
+
+def test_backbone_benchmark_prints_host_phases(tmp_path):
+    """--phases: a row per variant with its host time per phase; the JSON carries them."""
+    import json
+
+    out = run_tool(
+        "tools/benchmark.py",
+        *("--tiny", "--device", "cpu", "--only", "ViT", "--variants", "LoRA", "--interleave"),
+        *("--warmup", "1", "--iters", "2", "--skip-inference", "--phases"),
+        *("--json", str(tmp_path / "out.json")),
+    )
+    phases = {row[1]: row for row in table_rows(out, "Host time per phase")}
+    assert set(phases) == {"full FT", "floor (frozen)", "LoRA r16"}
+    for row in phases.values():
+        cells = [number(c) for c in row[2:]]
+        assert len(cells) == 5 and all(c >= 0 for c in cells) and cells[0] > 0
+        assert cells[-1] == pytest.approx(sum(cells[:-1]), abs=0.25)
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert all(len(r["phases"]) == 4 for r in saved)
+
+
+def test_python_builds_option_turns_off_the_native_builds_alone():
+    """--native python-builds: the per-layer C++ nodes stay on (auto), the batched builds
+    take their Python functions; both settings come back after the step."""
+    sys.path.insert(0, str(REPO))
+    from mm_spectral.kernels import native_builds_mode, native_mode
+    from tools import benchmark
+
+    before = (native_mode(), native_builds_mode())
+    with benchmark.applied({"native": "python-builds"}):
+        assert (native_mode(), native_builds_mode()) == ("auto", "off")
+    with benchmark.applied({"native": "off"}):
+        assert native_mode() == "off" and native_builds_mode() == before[1]
+    assert (native_mode(), native_builds_mode()) == before
+    variants = benchmark.path_variants(
+        {"LoRA r16": benchmark.ADAPTERS["LoRA r16"]}, None, ["auto", "python-builds"]
+    )
+    assert set(variants) == {"LoRA r16 [native auto]", "LoRA r16 [native python-builds]"}

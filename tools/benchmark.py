@@ -10,6 +10,7 @@ nothing turns NaN/inf. Prints a markdown table (ratios to the floor of the same 
     python tools/benchmark.py --tiny --device cpu   # a seconds-long smoke run of the same code
     python tools/benchmark.py --mode cuda-graph     # forward+backward replayed as a CUDA graph
     python tools/benchmark.py --profile floor LoRA  # + GPU-busy time and top kernels per step
+    python tools/benchmark.py --phases              # + host ms per phase: host- or GPU-bound?
     python tools/benchmark.py --peers --skip-training --skip-inference   # ours vs HF peft
 """
 
@@ -43,8 +44,10 @@ from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 from mm_spectral.kernels import (  # noqa: E402
     OPTIONS,
     fused_low_rank_mode,
+    native_builds_mode,
     native_mode,
     native_status,
+    set_native_builds_mode,
     set_native_mode,
 )
 from mm_spectral.kernels.dispatch import RANK_TERMS  # noqa: E402
@@ -123,6 +126,7 @@ class Result:
     mode: str = "eager"
     graphs: int = 0  # compile modes: graphs dynamo made, and its graph breaks
     graph_breaks: int = 0
+    phases: tuple[float, ...] | None = None  # --phases: host ms per PHASES entry
 
 
 def build(spec: Backbone) -> nn.Module:
@@ -212,14 +216,20 @@ def train_step_fn(
     if mode == "cuda-graph":  # what AdaptedBackbone(cuda_graph=True) does for a backbone
         features = enable_cuda_graph(features)
 
-    def step() -> float:
+    def step(marks: list[float] | None = None) -> float:
+        """One step; ``marks``, where given, gets the host's clock (perf_counter) as the
+        forward, the backward, the optimizer and the final wait for the loss return."""
         with torch.autocast(device_type, dtype=dtype):
             out = features(x).float()
             loss = (out if target is None else out - target).square().mean()
+        if marks is not None:
+            marks.append(time.perf_counter())
         if scaler is not None:
             scaler.scale(loss).backward()
         else:
             loss.backward()
+        if marks is not None:
+            marks.append(time.perf_counter())
         if optimizer is not None:
             if scaler is not None:
                 scaler.step(optimizer)
@@ -228,9 +238,33 @@ def train_step_fn(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         x.grad = None
-        return loss.item()
+        if marks is not None:
+            marks.append(time.perf_counter())
+        value = loss.item()
+        if marks is not None:
+            marks.append(time.perf_counter())
+        return value
 
     return step
+
+
+PHASES = ("forward", "backward", "optimizer", "wait")
+
+
+def host_phases(step: Callable[..., float], device: str, iters: int) -> tuple[float, ...]:
+    """Median host milliseconds of each of a step's ``PHASES``: issuing the forward, the
+    backward (``backward()`` returns once autograd has issued every op), the optimizer,
+    then waiting for the GPU to finish (the loss's ``item()``). Each step starts on an idle
+    device. A wait near zero means the host set the pace: the GPU idled while ops were
+    issued, and only fewer or cheaper host-side ops make the step faster."""
+    spans: list[list[float]] = [[] for _ in PHASES]
+    for _ in range(iters):
+        synchronize(device)
+        marks = [time.perf_counter()]
+        step(marks)
+        for seen, start, end in zip(spans, marks, marks[1:]):
+            seen.append((end - start) * 1e3)
+    return tuple(statistics.median(seen) for seen in spans)
 
 
 @dataclass
@@ -317,9 +351,11 @@ def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
         "--native",
         nargs="+",
         default=None,
-        choices=["auto", "off"],
-        help="run each LoRA/DoRA/FLoRA/FourierFT/FoRA variant once per native mode given: 'off' steps "
-        "adapted linears through the Python autograd function instead of the C++ node",
+        choices=["auto", "off", "python-builds"],
+        help="run each LoRA/DoRA/FLoRA/FourierFT/FoRA variant once per native mode given: 'off' "
+        "steps adapted linears through the Python autograd function instead of the C++ node; "
+        "'python-builds' keeps the C++ nodes but the batched linear builds' Python functions "
+        "(MM_SPECTRAL_NATIVE_BUILDS=off)",
     )
     parser.add_argument(
         "--batched-spectra",
@@ -353,15 +389,20 @@ def applied(options: dict[str, str]) -> Iterator[None]:
     ``options`` say while inside (the variant's build too: whether a model plans batched
     builds before each forward depends on them)."""
     term, native, whole = OPTIONS.rank_term, native_mode(), OPTIONS.batched_linears
+    builds = native_builds_mode()
     OPTIONS.rank_term = options.get("rank_term", term)
     OPTIONS.batched_linears = options.get("batched_linears", whole)
-    set_native_mode(options.get("native", native))
+    mode = options.get("native", native)
+    python_builds = mode == "python-builds"
+    set_native_mode("auto" if python_builds else mode)
+    set_native_builds_mode("off" if python_builds else builds)
     try:
         yield
     finally:
         OPTIONS.rank_term = term
         OPTIONS.batched_linears = whole
         set_native_mode(native)
+        set_native_builds_mode(builds)
 
 
 def with_run_options(step: Callable[[], float], options: dict[str, str]) -> Callable[[], float]:
@@ -370,9 +411,9 @@ def with_run_options(step: Callable[[], float], options: dict[str, str]) -> Call
     if not options:
         return step
 
-    def run() -> float:
+    def run(*args: object) -> float:
         with applied(options):
-            return step()
+            return step(*args)
 
     return run
 
@@ -429,7 +470,8 @@ def result(spec: Backbone, run: Prepared, ms: float, peak: float, args) -> Resul
     breaks = sum(counters["graph_break"].values())
     # Tagged where `--batched-spectra` was given alone; its values tag the variants' names.
     label = run.label + (" batched" if run.batched and args.batched_spectra == [] else "")
-    return Result(spec.name, label, ms, peak, trainable, args.mode, graphs, breaks)
+    phases = host_phases(run.step, args.device, args.iters) if args.phases else None
+    return Result(spec.name, label, ms, peak, trainable, args.mode, graphs, breaks, phases)
 
 
 def measure(
@@ -730,6 +772,22 @@ def print_training_table(results: list[Result], args, mode: str, device_name: st
     if mode.startswith("compile"):
         traced = ", ".join(f"{r.variant} {r.graphs}/{r.graph_breaks}" for r in rows)
         print(f"\ngraphs / graph breaks per variant: {traced}")
+    if any(r.phases for r in rows):
+        print_phases_table(rows, args)
+
+
+def print_phases_table(rows: list[Result], args) -> None:
+    """``--phases``: where each variant's step spends the host's time (:func:`host_phases`)."""
+    print(
+        f"\n#### Host time per phase, ms (median of {args.iters} steps, each variant in turn; "
+        "a wait near 0 means the host set the pace)\n"
+    )
+    print("| backbone | variant | " + " | ".join(PHASES) + " | sum |")
+    print("|---|---|" + "---|" * (len(PHASES) + 1))
+    for r in rows:
+        if r.phases:
+            cells = " | ".join(f"{ms:.1f}" for ms in r.phases)
+            print(f"| {r.backbone} | {r.variant} | {cells} | {sum(r.phases):.1f} |")
 
 
 def main() -> None:
@@ -770,6 +828,12 @@ def main() -> None:
         default="bfloat16",
         choices=["bfloat16", "float16"],
         help="autocast dtype of the training steps (float16 with a GradScaler, as mmdet's AMP)",
+    )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also print the host's time per phase of each variant's step (forward, backward, "
+        "optimizer, then the wait for the GPU): whether the host or the GPU sets the pace",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(

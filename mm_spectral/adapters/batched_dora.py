@@ -1,5 +1,5 @@
-"""DoRA's rescaled linear weights for many same-shape layers in one batched build (pure
-torch).
+"""DoRA's rescaled linear weights for many same-shape layers in one batched build (torch,
+and in eager steps the same ops as a C++ autograd node, :mod:`mm_spectral.kernels.native`).
 
 Stepped per layer in the dense form, DoRA's linear forms W0 + s·B A, its row norms and the
 rescaled weight, and in the backward the magnitude's gradient and the factors' from dW:
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .batched_tucker import _float32s, native_builds
 from .functional import _as, outside_autocast, scaled_mm
 
 
@@ -76,6 +77,11 @@ def batched_rescaled_deltas(
         raise ValueError("batched_rescaled_deltas needs at least one layer")
     if any(w.requires_grad for w in weights):
         raise ValueError("batched_rescaled_deltas: the base weights must be frozen")
+    native = native_builds()
+    if native is not None:  # float32 inside, autocast or not (the C++ node's same ops)
+        return native.batched_rescaled_delta(
+            list(weights), _float32s(ups), _float32s(downs), _float32s(magnitudes), float(scale)
+        )
     device_type = weights[0].device.type
     if torch.is_autocast_enabled(device_type):
         return outside_autocast(

@@ -1,4 +1,5 @@
-"""Many same-shape FLoRA Tucker products as one batched build (pure torch).
+"""Many same-shape FLoRA Tucker products as one batched build (torch; the linears' builds
+also as C++ autograd nodes, :mod:`mm_spectral.kernels.native`).
 
 FLoRA multiplies its core by factors every forward: on a grouped (depthwise) conv the whole
 ΔW = s · U_out · G₍₁₎ · (U_in ⊗ U_h ⊗ U_w)ᵀ, a handful of small ops forward and about a dozen
@@ -9,17 +10,35 @@ are hundreds of host-bound launches per eager step. Here all layers of one shape
 shape and scale) take the same ops once, batched over the layers: ``bmm`` for the GEMMs,
 broadcasts with a leading layer dimension for the Kronecker products, and written-out
 backwards. The same batched product serves LoRA, DoRA and FoRA where they build
-ΔW = s · B A (grouped convs): :func:`batched_low_rank_products`.
+ΔW = s · B A (grouped convs): :func:`batched_low_rank_products`. In eager steps the
+products of two factors and the linears' Tucker products run as C++ nodes where those
+built: the same ops, without a Python autograd Function's host cost per chunk and step
+(about 45 µs forward and 85 µs backward each on an H100 host, by the profiler).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..kernels.native import native_builds_mode, native_ops
 from .functional import _as, outside_autocast, scaled_mm
+
+
+def native_builds() -> Any:
+    """The C++ module for a batched build (:mod:`mm_spectral.kernels.native`) where this
+    step may use it: eager (dynamo cannot trace it), built and not turned off for the builds
+    (``MM_SPECTRAL_NATIVE_BUILDS``); else None."""
+    if torch.compiler.is_compiling() or native_builds_mode() == "off":
+        return None
+    return native_ops()
+
+
+def _float32s(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [_as(t, torch.float32) for t in tensors]
 
 
 def _kron(u_in: Tensor, u_h: Tensor, u_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,6 +137,9 @@ def _batched_products(
 ) -> Tensor:
     if not xs:
         raise ValueError(f"{caller} needs at least one layer")
+    native = native_builds()
+    if native is not None:  # float32 inside, autocast or not
+        return native.batched_product(_float32s(xs), _float32s(ys), float(scale), transpose)
     device_type = xs[0].device.type
     if torch.is_autocast_enabled(device_type):
         return outside_autocast(device_type, _batched_products, xs, ys, scale, transpose, caller)
@@ -172,6 +194,11 @@ def batched_tucker_linear_deltas(
     from two ``bmm`` (same shapes throughout). Float32 under autocast too."""
     if not cores:
         raise ValueError("batched_tucker_linear_deltas needs at least one layer")
+    native = native_builds()
+    if native is not None:  # float32 inside, autocast or not
+        return native.batched_tucker_linear(
+            _float32s(cores), _float32s(u_out), _float32s(u_in), float(scale)
+        )
     device_type = cores[0].device.type
     if torch.is_autocast_enabled(device_type):
         return outside_autocast(

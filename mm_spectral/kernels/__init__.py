@@ -16,7 +16,13 @@ from .dispatch import (
     triton_available,
     use_fused_low_rank,
 )
-from .native import native_mode, native_status, set_native_mode
+from .native import (
+    native_builds_mode,
+    native_mode,
+    native_status,
+    set_native_builds_mode,
+    set_native_mode,
+)
 
 __all__ = [
     "triton_available",
@@ -28,4 +34,6 @@ __all__ = [
     "native_mode",
     "native_status",
     "set_native_mode",
+    "native_builds_mode",
+    "set_native_builds_mode",
 ]

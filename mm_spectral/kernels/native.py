@@ -7,7 +7,10 @@ functions they stand in for (the tests hold each pair equal) from C++, one C++ a
 node per layer: the low-rank linear of LoRA, FoRA and row blocks, DoRA's rescaled linear
 and inverse norms, FLoRA's Tucker linear and conv factors, FourierFT's / FoRA's
 sparse-spectrum inverse FFT, FourierFT's ``W + ΔW`` linear, and the ``W + ΔW`` conv of
-every method that builds a conv's ΔW (DoRA's rescaled per channel). They are compiled once per machine and torch version by
+every method that builds a conv's ΔW (DoRA's rescaled per channel), and the batched
+builds that make the whole weight change of a chunk of same-shape linears (LoRA's and
+FoRA's products, FLoRA's Tucker product, DoRA's rescaled change). They are compiled once
+per machine and torch version by
 ``torch.utils.cpp_extension`` (about a minute; cached under ``TORCH_EXTENSIONS_DIR``).
 
 ``MM_SPECTRAL_NATIVE`` (or :func:`set_native_mode`) picks:
@@ -16,6 +19,9 @@ every method that builds a conv's ΔW (DoRA's rescaled per channel). They are co
   once and keep the Python function;
 - ``on``: as auto, but a failed build raises;
 - ``off``: never (the Python function).
+
+``MM_SPECTRAL_NATIVE_BUILDS=off`` (or :func:`set_native_builds_mode`) keeps the batched
+builds alone on their Python functions, the per-layer nodes as the mode above says.
 
 The nodes serve eager steps. While ``torch.compile`` traces, and where the fused Triton
 kernels qualify (CUDA-graph capture), the Python functions run instead.
@@ -42,11 +48,24 @@ SOURCES = [
         "spectral.cpp",
         "tucker_conv.cpp",
         "delta_conv.cpp",
+        "batched_builds.cpp",
     )
 ]
 HEADER = osp.join(SOURCE_DIR, "common.h")
 
 _NATIVE = ModeSwitch("MM_SPECTRAL_NATIVE", MODES, "native mode")
+_BUILDS = ModeSwitch("MM_SPECTRAL_NATIVE_BUILDS", ("auto", "off"), "native builds mode")
+
+
+def native_builds_mode() -> str:
+    """Whether the batched builds take their C++ nodes where the native mode allows
+    ('auto') or keep their Python functions ('off')."""
+    return _BUILDS.get()
+
+
+def set_native_builds_mode(mode: str) -> str:
+    """Set :func:`native_builds_mode`; returns the previous one."""
+    return _BUILDS.set(mode)
 
 
 def native_mode() -> str:

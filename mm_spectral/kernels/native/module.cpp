@@ -32,4 +32,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gradient, as one C++ autograd node");
   m.def("delta_linear", &mm_spectral_native::delta_linear,
         "y = x (W + ΔW)ᵀ + b as one GEMM in one C++ autograd node");
+  m.def("batched_product", &mm_spectral_native::batched_product,
+        "scale · X_l Y_l (X_l Y_lᵀ with transpose) for L same-shape layers, float32, one batched "
+        "GEMM in one C++ autograd node");
+  m.def("batched_tucker_linear", &mm_spectral_native::batched_tucker_linear,
+        "FLoRA's linear ΔW_l = scale · U_out,l G_l U_in,lᵀ for L same-shape layers, float32, as "
+        "one C++ autograd node");
+  m.def("batched_rescaled_delta", &mm_spectral_native::batched_rescaled_delta,
+        "DoRA's ΔW'_l = m_l ⊙ S_l / ‖S_l‖ − W0_l, S_l = W0_l + scale · B_l A_l, for L same-shape "
+        "linears (norm without gradient), float32, as one C++ autograd node");
 }
