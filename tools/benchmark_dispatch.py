@@ -39,10 +39,13 @@ from mm_spectral.kernels import (  # noqa: E402
 from tools.benchmark import require_native_nodes, synchronize  # noqa: E402
 
 
-def per_call_us(fn: Callable[[], object], device: str, calls: int, rounds: int = 3) -> float:
+def per_call_us(
+    fn: Callable[[], object], device: str, calls: int, rounds: int = 3, warmup: int | None = None
+) -> float:
     """Best of ``rounds`` averages of ``calls`` back-to-back calls, in µs (no sync between
-    calls: with tiny tensors the host, not the GPU, sets the pace)."""
-    for _ in range(max(5, calls // 10)):
+    calls: with tiny tensors the host, not the GPU, sets the pace), after ``warmup`` calls
+    (default: a tenth of ``calls``, at least 5)."""
+    for _ in range(max(5, calls // 10) if warmup is None else warmup):
         fn()
     best = float("inf")
     for _ in range(rounds):
@@ -125,8 +128,8 @@ def layer_stack(
     return model.to(device)
 
 
-def stack_step_us(model: nn.Module, x: torch.Tensor, calls: int, device: str) -> float:
-    """µs per forward + backward of the stack under bf16 autocast (parameter gradients
+def stack_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of the stack under bf16 autocast (parameter gradients
     dropped each step, as zero_grad(set_to_none=True) does)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -138,7 +141,23 @@ def stack_step_us(model: nn.Module, x: torch.Tensor, calls: int, device: str) ->
             p.grad = None
         x.grad = None
 
-    return per_call_us(step, device, calls)
+    return step
+
+
+def interleaved_best_us(
+    fns: list[Callable[[], object]], device: str, calls: int, rounds: int = 5
+) -> list[float]:
+    """:func:`per_call_us` of each callable with their rounds alternating, so that a busy
+    spell of the host hits all alike instead of one of them (the per-layer differences
+    below subtract two such timings)."""
+    for fn in fns:
+        for _ in range(max(5, calls // 10)):
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], per_call_us(fn, device, calls, rounds=1, warmup=0))
+    return best
 
 
 def layer_table(device: str, calls: int, width: int, tokens: int) -> list[tuple[str, float]]:
@@ -149,11 +168,11 @@ def layer_table(device: str, calls: int, width: int, tokens: int) -> list[tuple[
 
     def per_layer(cfg: dict | None, trainable: bool, frozen_dtype=None) -> float:
         deep, shallow = (
-            layer_stack(d, width, cfg, trainable, device, frozen_dtype) for d in (16, 8)
+            stack_step(layer_stack(d, width, cfg, trainable, device, frozen_dtype), x)
+            for d in (16, 8)
         )
-        return (
-            stack_step_us(deep, x, calls, device) - stack_step_us(shallow, x, calls, device)
-        ) / 8
+        deep_us, shallow_us = interleaved_best_us([deep, shallow], device, calls)
+        return (deep_us - shallow_us) / 8
 
     frozen = per_layer(None, False)
     frozen_half = per_layer(None, False, torch.bfloat16)
