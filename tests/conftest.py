@@ -95,3 +95,15 @@ def case(request):
     method, layer_name = request.param
     model, x = make_case(method, layer_name)
     return method, layer_name, model, x
+
+
+@pytest.fixture
+def native_module():
+    """The C++ nodes' module, with the native mode 'on' (a failed build raises) inside."""
+    from mm_spectral.kernels import native, set_native_mode
+
+    previous = set_native_mode("on")
+    try:
+        yield native.native_ops()
+    finally:
+        set_native_mode(previous)

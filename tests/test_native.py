@@ -17,15 +17,6 @@ from conftest import make_case
 METHODS = ["LoRA", "FLoRA", "FoRA", "DoRA", "FourierFT", "LoRA-rows", "FoRA-rows"]
 
 
-@pytest.fixture
-def native_module():
-    previous = set_native_mode("on")
-    try:
-        yield native.native_ops()
-    finally:
-        set_native_mode(previous)
-
-
 def step(method, mode, rank_term, monkeypatch, autocast=False, train_base=False, layer="linear"):
     """Output, gradients and the grad_fn's type name of one forward + backward."""
     model, x = make_case(method, layer)

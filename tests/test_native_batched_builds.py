@@ -20,15 +20,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LAYERS, OUT, IN, RANK = 3, 12, 10, 4
 
 
-@pytest.fixture
-def native_module():
-    previous = set_native_mode("on")
-    try:
-        yield native.native_ops()
-    finally:
-        set_native_mode(previous)
-
-
 def leaves(*shapes, device="cpu", dtype=torch.float32, grad=True):
     """One list of LAYERS random leaf tensors per shape."""
     return [
