@@ -11,9 +11,15 @@ from torch import nn
 
 import mm_spectral
 from mm_spectral.adapters import batched_spectra
-from mm_spectral.adapters.batched_dora import batched_rescaled_deltas
+from mm_spectral.adapters.batched_dora import batched_rescaled_weights
 from mm_spectral.adapters.batched_tucker import _BatchedTuckerLinear, batched_tucker_linear_deltas
-from mm_spectral.adapters.functional import DeltaLinear, delta_linear
+from mm_spectral.adapters.functional import (
+    DeltaLinear,
+    WeightLinear,
+    delta_linear,
+    planned_delta_linear,
+    planned_weight_linear,
+)
 from mm_spectral.kernels import OPTIONS
 from mm_spectral.kernels.dispatch import DENSE_MAX_RANK, WEIGHT_FORM_RATIO, batched_delta_linear
 
@@ -28,7 +34,7 @@ METHODS = {  # config, the batched builder its linears go through
     "LoRA": (dict(type="LoRA", rank=3, alpha=6), "batched_low_rank_deltas"),
     "FoRA": (dict(type="FoRA", rank=4, n=20, scale=2.0, seed=1), "batched_fora_deltas"),
     "FLoRA": (dict(type="FLoRA", rank=4, scale=3.0), "batched_flora_linear_deltas"),
-    "DoRA": (dict(type="DoRA", rank=3, alpha=6), "batched_dora_deltas"),
+    "DoRA": (dict(type="DoRA", rank=3, alpha=6), "batched_dora_weights"),
 }
 
 
@@ -186,25 +192,80 @@ def test_delta_gradient_keeps_the_delta_dtype(native, device):
         assert error <= rounded * 1.01 + 1e-6, (error, rounded)
 
 
-def dora_reference(weight, up, down, magnitude, scale):
-    """W' − W0 written out: m ⊙ S / ‖S‖ per row, S = W0 + s·B A, the norm detached."""
-    summed = weight + scale * up @ down
-    norm = torch.linalg.vector_norm(summed, dim=1, keepdim=True).detach()
-    return magnitude.unsqueeze(1) * summed / norm - weight
+@pytest.mark.parametrize("layout", ["parameters", "no bias", "plain attributes"])
+def test_planned_delta_linear_reads_the_layers_weight_and_bias(layout):
+    """W and b from ``_parameters`` where they are registered, else the attributes (a
+    parametrized or FSDP-managed layer): the same output and gradients as delta_linear."""
+    torch.manual_seed(4)
+    layer = nn.Linear(6, 5, bias=layout != "no bias")
+    weight, bias = layer.weight.detach().clone(), layer.bias
+    bias = None if bias is None else bias.detach().clone()
+    if layout == "plain attributes":
+        del layer.weight, layer.bias
+        layer.weight, layer.bias = weight, bias
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    delta = (0.1 * torch.randn(5, 6)).requires_grad_()
+    got = planned_delta_linear(x, layer, delta)
+    want = delta_linear(x, weight, bias, delta)
+    probe = torch.randn_like(want)
+    grads = torch.autograd.grad((got * probe).sum(), (x, delta))
+    wants = torch.autograd.grad((want * probe).sum(), (x, delta))
+    torch.testing.assert_close(got, want)
+    for grad, expected in zip(grads, wants):
+        torch.testing.assert_close(grad, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_batched_rescaled_deltas_equal_the_written_out_dora_weight(device):
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("native", [True, False])
+def test_weight_linear_equals_a_linear_of_the_built_weight(native, autocast, device, request):
+    """DoRA's layers step with the whole W' a batched build made: x W'ᵀ + b as F.linear of
+    the weight cast to the compute dtype, every gradient as autograd's, W's in its own
+    (float32) dtype under autocast too."""
+    torch.manual_seed(5)
+    layer = nn.Linear(10, 7).to(device).requires_grad_(False)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(2, 3, 10, device=device, requires_grad=True)
+    weight = torch.randn(7, 10, device=device, requires_grad=True)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        if native:  # the C++ node (native mode 'on': a failed build raises)
+            request.getfixturevalue("native_module")
+            got = planned_weight_linear(x, layer, weight)
+            assert "WeightLinear" in got.grad_fn.name()
+        else:
+            got = WeightLinear.apply(x, weight, layer.bias)
+    want = torch.nn.functional.linear(x.to(dtype), weight.to(dtype), layer.bias.to(dtype))
+    probe = torch.randn_like(want, dtype=torch.float32)
+    inputs = (x, weight, layer.bias)
+    grads = torch.autograd.grad((got.float() * probe).sum(), inputs)
+    wants = torch.autograd.grad((want.float() * probe).sum(), inputs)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else {}
+    torch.testing.assert_close(got, want, **tol)
+    assert grads[1].dtype == torch.float32
+    for grad, expected in zip(grads, wants):
+        torch.testing.assert_close(grad.float(), expected.float(), **tol)
+
+
+def dora_reference(weight, up, down, magnitude, scale):
+    """W' written out: m ⊙ S / ‖S‖ per row, S = W0 + s·B A, the norm detached."""
+    summed = weight + scale * up @ down
+    norm = torch.linalg.vector_norm(summed, dim=1, keepdim=True).detach()
+    return magnitude.unsqueeze(1) * summed / norm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_rescaled_weights_equal_the_written_out_dora_weight(device):
     torch.manual_seed(4)
     layers = [(torch.randn(9, 7, device=device), torch.randn(9, 3, device=device),
                torch.randn(3, 7, device=device), torch.rand(9, device=device) + 0.5)
               for _ in range(3)]  # fmt: skip
     params = [t.requires_grad_() for _, *rest in layers for t in rest]
-    got = batched_rescaled_deltas(*map(list, zip(*layers)), 0.7)
+    got = batched_rescaled_weights(*map(list, zip(*layers)), 0.7)
     want = torch.stack([dora_reference(*layer, 0.7) for layer in layers])
     assert_same_values_and_gradients(got, want, params)
     with pytest.raises(ValueError, match="frozen"):
-        batched_rescaled_deltas([torch.randn(9, 7, requires_grad=True)], [layers[0][1]],
+        batched_rescaled_weights([torch.randn(9, 7, requires_grad=True)], [layers[0][1]],
                                 [layers[0][2]], [layers[0][3]], 1.0)  # fmt: skip
 
 
@@ -218,7 +279,7 @@ def test_a_trainable_base_keeps_dora_linears_per_layer(whole_deltas):
     assert batched_spectra._groups(model) == []
 
 
-def test_dora_deltas_need_the_plan_to_hand_over_the_base_weights():
+def test_dora_weights_need_the_plan_to_hand_over_the_base_weights():
     adapters = [layer.adapter for layer in adapted_linears("DoRA").fc[1:]]
     with pytest.raises(ValueError, match="base weight"):
-        batched_spectra.batched_dora_deltas(adapters)
+        batched_spectra.batched_dora_weights(adapters)

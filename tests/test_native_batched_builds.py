@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm_spectral.adapters.batched_dora import batched_rescaled_deltas
+from mm_spectral.adapters.batched_dora import batched_rescaled_weights
 from mm_spectral.adapters.batched_tucker import (
     batched_core_products,
     batched_low_rank_products,
@@ -46,7 +46,7 @@ def case(kind: str, device: str = "cpu"):
     (weights,) = leaves((OUT, IN), device=device, grad=False)  # DoRA: W0 frozen
     ups, downs = leaves((OUT, RANK), (RANK, IN), device=device)
     magnitudes = [w.norm(dim=1).detach().requires_grad_() for w in weights]
-    build = lambda: batched_rescaled_deltas(weights, ups, downs, magnitudes, 0.5)  # noqa: E731
+    build = lambda: batched_rescaled_weights(weights, ups, downs, magnitudes, 0.5)  # noqa: E731
     return build, ups + downs + magnitudes
 
 
@@ -103,17 +103,17 @@ def test_native_batched_tucker_linear_passes_gradcheck(native_module):
 
 
 def test_native_dora_build_follows_the_written_out_formula(native_module):
-    """m ⊙ S / ‖S‖ − W0 per output row with S = W0 + s·B A; the norm takes no gradient, so
+    """W' = m ⊙ S / ‖S‖ per output row with S = W0 + s·B A; the norm takes no gradient, so
     the factors see (m / ‖S‖) ⊙ dW' and the magnitude Σ_in dW' ⊙ S / ‖S‖."""
     torch.manual_seed(0)
     (weights,) = leaves((OUT, IN), grad=False)
     ups, downs = leaves((OUT, RANK), (RANK, IN))
     magnitudes = [w.norm(dim=1).detach().requires_grad_() for w in weights]
-    got = native_module.batched_rescaled_delta(weights, ups, downs, magnitudes, 0.5)
+    got = native_module.batched_rescaled_weight(weights, ups, downs, magnitudes, 0.5)
     summed = [w + 0.5 * b @ a for w, b, a in zip(weights, ups, downs)]
     want = torch.stack(
-        [m[:, None] * s / s.norm(dim=1, keepdim=True).detach() - w
-         for m, s, w in zip(magnitudes, summed, weights)]
+        [m[:, None] * s / s.norm(dim=1, keepdim=True).detach()
+         for m, s in zip(magnitudes, summed)]
     )  # fmt: skip
     probe = torch.randn_like(want)
     torch.testing.assert_close(got, want)
@@ -133,7 +133,7 @@ def test_builds_alone_keep_their_python_functions_when_turned_off(native_module)
         out, node, _ = run("dora", "on", "cpu", autocast=False)
     finally:
         set_native_builds_mode(previous)
-    assert node == "_BatchedRescaledDeltaBackward"
+    assert node == "_BatchedRescaledWeightBackward"
     assert native.native_mode() == "on"
     with pytest.raises(ValueError, match="native builds mode"):
         set_native_builds_mode("on")

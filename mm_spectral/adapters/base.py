@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from ..kernels.dispatch import batched_delta_linear
 from ..kernels.native import native_ops
 from .bias_cast import compute_bias
-from .functional import delta_linear, low_rank_linear, outside_autocast
-from .stash import TOKENS, WHOLE_DELTA, take_stash
+from .functional import delta_linear, low_rank_linear, outside_autocast, planned_delta_linear
+from .stash import TOKENS, WHOLE_DELTA, take_stash, take_stash_eagerly
 
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
@@ -233,8 +233,8 @@ class LowRankAdapter(BaseAdapter):
 
     def batches_linear_delta(self) -> bool:
         """Whether, on a linear, a batched build (:func:`mm_spectral.enable_batched_spectra`)
-        should make this adapter's whole weight change (ΔW; DoRA's W' − W0) and the layer
-        step as W0 + ΔW (:func:`mm_spectral.kernels.dispatch.batched_delta_linear`, by the
+        should make this adapter's whole weight change (ΔW; DoRA's whole weight W') and the
+        layer step as W0 + ΔW (with W') (:func:`mm_spectral.kernels.dispatch.batched_delta_linear`, by the
         tokens of the layer's last forward)."""
         if self.spec.kind != "linear":
             return False
@@ -250,7 +250,7 @@ class LowRankAdapter(BaseAdapter):
             return None
         state = self.__dict__
         state[TOKENS] = x.numel() // x.shape[-1] if x.dim() else 0
-        return take_stash(self) if state.get(WHOLE_DELTA) else None
+        return take_stash_eagerly(self) if state.get(WHOLE_DELTA) else None
 
     def delta(self) -> Tensor:
         """s · up down, float32 under autocast too: a weight-sized product of thin factors,
@@ -278,7 +278,7 @@ class LowRankAdapter(BaseAdapter):
         if self.spec.kind == "linear":
             delta = self.planned_delta(x)  # the whole ΔW, from a batched build
             if delta is not None:
-                return delta_linear(x, layer.weight, layer.bias, delta)
+                return planned_delta_linear(x, layer, delta)
         return self.factored_forward(x, layer, layer.bias)
 
     def factored_forward(self, x: Tensor, layer: nn.Module, bias: Tensor | None) -> Tensor:

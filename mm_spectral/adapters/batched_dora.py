@@ -5,9 +5,10 @@ Stepped per layer in the dense form, DoRA's linear forms W0 + s·B A, its row no
 rescaled weight, and in the backward the magnitude's gradient and the factors' from dW:
 about twenty ops per layer and step beyond the frozen layer's, on a GPU host-bound. Here
 those run once per chunk of same-shape layers (``bmm``/``baddbmm`` and reductions with a
-leading layer dimension), and each layer steps as W0 + ΔW' (ΔW' = W' − W0, the rescaled
-weight's change), as every additive method's batched linears do: one op beyond the frozen
-layer's (dW = gᵀx).
+leading layer dimension), and each layer steps with the rescaled weight W' itself
+(:func:`mm_spectral.adapters.functional.planned_weight_linear`): one op beyond the frozen
+layer's (dW' = gᵀx), and no float32 W' − W0 written by the build and read back by the layer
+(which the additive methods' W0 + ΔW needs).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def _stacked(weights: Sequence[Tensor]) -> Tensor:
     return _as(torch.stack(tuple(weights)), torch.float32)
 
 
-class _BatchedRescaledDelta(torch.autograd.Function):
-    """ΔW'_ℓ = c_ℓ ⊙ S_ℓ − W0_ℓ for L layers, S_ℓ = W0_ℓ + s·B_ℓ A_ℓ and c_ℓ = m_ℓ / ‖S_ℓ‖
+class _BatchedRescaledWeight(torch.autograd.Function):
+    """W'_ℓ = c_ℓ ⊙ S_ℓ for L layers, S_ℓ = W0_ℓ + s·B_ℓ A_ℓ and c_ℓ = m_ℓ / ‖S_ℓ‖
     per output row, the norm without gradient (DoRA paper §4.3): (L, out, in) float32.
 
     Inputs: the scale, then per layer W0 (frozen: no gradient), B, A, m. The sums S are not
@@ -43,7 +44,7 @@ class _BatchedRescaledDelta(torch.autograd.Function):
         summed = torch.baddbmm(base, ups, downs, alpha=scale)
         norm = torch.linalg.vector_norm(summed, dim=2).clamp_min_(torch.finfo(torch.float32).tiny)
         channel = magnitudes / norm
-        out = summed.mul_(channel.unsqueeze(2)).sub_(base)
+        out = summed.mul_(channel.unsqueeze(2))
         ctx.save_for_backward(ups, downs, norm, channel, *weights)
         ctx.scale = scale
         return out
@@ -62,34 +63,34 @@ class _BatchedRescaledDelta(torch.autograd.Function):
         return (None, *(t for up, down, m in per_layer for t in (None, up, down, m)))
 
 
-def batched_rescaled_deltas(
+def batched_rescaled_weights(
     weights: Sequence[Tensor],
     ups: Sequence[Tensor],
     downs: Sequence[Tensor],
     magnitudes: Sequence[Tensor],
     scale: float,
 ) -> Tensor:
-    """(L, out, in) float32: layer ℓ's DoRA weight change m ⊙ S / ‖S‖ − W0 with
+    """(L, out, in) float32: layer ℓ's DoRA weight W' = m ⊙ S / ‖S‖ with
     S = W0 + scale · ups[ℓ] downs[ℓ] (norm without gradient), all in one batched build.
     ``weights`` are the frozen base weights (no gradient flows to them). Float32 under
     autocast too."""
     if not weights:
-        raise ValueError("batched_rescaled_deltas needs at least one layer")
+        raise ValueError("batched_rescaled_weights needs at least one layer")
     if any(w.requires_grad for w in weights):
-        raise ValueError("batched_rescaled_deltas: the base weights must be frozen")
+        raise ValueError("batched_rescaled_weights: the base weights must be frozen")
     native = native_builds()
     if native is not None:  # float32 inside, autocast or not (the C++ node's same ops)
-        return native.batched_rescaled_delta(
+        return native.batched_rescaled_weight(
             list(weights), _float32s(ups), _float32s(downs), _float32s(magnitudes), float(scale)
         )
     device_type = weights[0].device.type
     if torch.is_autocast_enabled(device_type):
         return outside_autocast(
-            device_type, batched_rescaled_deltas, weights, ups, downs, magnitudes, scale
+            device_type, batched_rescaled_weights, weights, ups, downs, magnitudes, scale
         )
     tensors = [
         t if i == 0 else _as(t, torch.float32)
         for quad in zip(weights, ups, downs, magnitudes)
         for i, t in enumerate(quad)
     ]
-    return _BatchedRescaledDelta.apply(float(scale), *tensors)
+    return _BatchedRescaledWeight.apply(float(scale), *tensors)

@@ -15,8 +15,9 @@ batch, and one ``rfft2`` plus one gather in the backward.
   (:mod:`mm_spectral.adapters.batched_tucker`); :func:`batched_low_rank_deltas` and
   :func:`batched_fora_deltas` for the ΔW = s·B A that LoRA, DoRA and FoRA build where
   they cannot run factored (grouped convs: ConvNeXt's 7×7 depthwise layers), one ``bmm``;
-  these, :func:`batched_flora_linear_deltas` and :func:`batched_dora_deltas` (W' − W0)
-  also for the low-rank linears that step as W0 + ΔW with few tokens
+  these, :func:`batched_flora_linear_deltas` and :func:`batched_dora_weights` (DoRA's W'
+  itself) also for the low-rank linears that step with a whole built weight (change) with
+  few tokens
   (:func:`mm_spectral.kernels.dispatch.batched_delta_linear`);
 - :func:`enable_batched_spectra` — a forward pre-hook that plans, before each forward,
   batched builds of a model's spectral ΔW / factors (and the Tucker and low-rank
@@ -35,12 +36,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from ..kernels.dispatch import batched_delta_linear
-from .base import AdaptedLayerMixin, LowRankAdapter
-from .batched_dora import batched_rescaled_deltas
+from .base import LowRankAdapter
+from .batched_dora import batched_rescaled_weights
 from .batched_tucker import (
     batched_conv_tucker_deltas,
     batched_core_products,
@@ -52,8 +52,9 @@ from .flora import FLoRA
 from .fora import FoRA
 from .fourierft import FourierFT
 from .functional import outside_autocast, scaled_mm
+from .layer_walk import ADAPTED, SHARDED, adapted_layer_walk, role
 from .lora import LoRA
-from .stash import WHOLE_DELTA, stash, stash_builder
+from .stash import WHOLE_DELTA, stash_all, stash_builder
 
 
 def _layer_slots(rows: int, cols: int) -> int:
@@ -191,6 +192,15 @@ class SlotCache:
         return entry[1]
 
 
+def _parameter_lists(adapters: Sequence[nn.Module], *names: str) -> list[list[Tensor]]:
+    """Each named parameter of every adapter, one list per name. From ``_parameters``:
+    ``nn.Module.__getattr__`` cost about 1 µs per lookup here, and a build makes two or
+    three per layer and step (batched builds never run inside FSDP units, whose forwards
+    swap parameters for plain attributes)."""
+    tables = [a._parameters for a in adapters]
+    return [[table[name] for table in tables] for name in names]
+
+
 def _same_shape(adapters: Sequence[nn.Module], shape_of: Any, caller: str) -> Any:
     shape = shape_of(adapters[0])
     if any(shape_of(a) != shape for a in adapters):
@@ -248,32 +258,29 @@ def batched_low_rank_deltas(adapters: Sequence[LoRA]) -> list[Tensor]:
     """Each LoRA/DoRA adapter's ``delta()`` on a layer it cannot run factored (a grouped
     conv, or loralib's conv factors), s · B A, from one batched product."""
     _same_shape(adapters, _low_rank_shapes, "batched_low_rank_deltas")
-    deltas = batched_low_rank_products(
-        [a.lora_B for a in adapters], [a.lora_A for a in adapters], adapters[0].scale
-    )
-    return list(deltas.unbind(0))
+    ups, downs = _parameter_lists(adapters, "lora_B", "lora_A")
+    return list(batched_low_rank_products(ups, downs, adapters[0].scale).unbind(0))
 
 
 _BASE = "_batched_base_weight"  # a DoRA linear's W0, set by the plan (_groups) for its build
 
 
-def batched_dora_deltas(adapters: Sequence[DoRA]) -> list[Tensor]:
-    """Each DoRA linear's weight change W' − W0 (float32, (out, in)) from one batched build
-    (:mod:`mm_spectral.adapters.batched_dora`), for linears that step as W0 + ΔW'. Reads
-    each layer's frozen W0 where the plan left it on the adapter (and takes it off: the
-    next plan sets it again)."""
-    _same_shape(adapters, _low_rank_shapes, "batched_dora_deltas")
+def batched_dora_weights(adapters: Sequence[DoRA]) -> list[Tensor]:
+    """Each DoRA linear's rescaled weight W' (float32, (out, in)) from one batched build
+    (:mod:`mm_spectral.adapters.batched_dora`), for linears that step with it
+    (:func:`~mm_spectral.adapters.functional.planned_weight_linear`). Reads each layer's
+    frozen W0 where the plan left it on the adapter (and takes it off: the next plan sets
+    it again)."""
+    _same_shape(adapters, _low_rank_shapes, "batched_dora_weights")
     weights = [a.__dict__.pop(_BASE, None) for a in adapters]
     if any(w is None for w in weights):
         raise ValueError(
-            "batched_dora_deltas needs each layer's base weight, which the plan of "
+            "batched_dora_weights needs each layer's base weight, which the plan of "
             "enable_batched_spectra / build_batched_spectra hands over"
         )
-    deltas = batched_rescaled_deltas(
-        weights, [a.lora_B for a in adapters],
-        [a.lora_A for a in adapters], [a.magnitude for a in adapters], adapters[0].scale,
-    )  # fmt: skip
-    return list(deltas.unbind(0))
+    ups, downs, magnitudes = _parameter_lists(adapters, "lora_B", "lora_A", "magnitude")
+    rescaled = batched_rescaled_weights(weights, ups, downs, magnitudes, adapters[0].scale)
+    return list(rescaled.unbind(0))
 
 
 def batched_fora_deltas(adapters: Sequence[FoRA], cache: SlotCache | None = None) -> list[Tensor]:
@@ -316,10 +323,10 @@ def batched_flora_linear_deltas(adapters: Sequence[FLoRA]) -> list[Tensor]:
     (:meth:`~mm_spectral.adapters.base.LowRankAdapter.batches_linear_delta`)."""
     _same_shape(adapters, _flora_shapes, "batched_flora_linear_deltas")
     factors = [a.factor_tensors() for a in adapters]
+    (cores,) = _parameter_lists(adapters, "core")
     deltas = batched_tucker_linear_deltas(
-        [a.core for a in adapters], [f[0] for f in factors], [f[1] for f in factors],
-        adapters[0].scale,
-    )  # fmt: skip
+        cores, [f[0] for f in factors], [f[1] for f in factors], adapters[0].scale
+    )
     return list(deltas.unbind(0))
 
 
@@ -336,22 +343,6 @@ def batched_flora_downs(adapters: Sequence[FLoRA]) -> list[Tensor]:
 # --- use in the forward ---------------------------------------------------------------------
 
 
-_OTHER, _ADAPTED, _SHARDED = 0, 1, 2
-
-
-@functools.cache
-def _role(cls: type) -> int:
-    """What a module of class ``cls`` is to the walk: an FSDP unit (FSDP1 or
-    ``fully_shard``: between its own forwards its parameters are shards, which a build
-    before the model's forward must not read), an adapted layer or another module.
-
-    Asked once per class (``fully_shard`` makes a new class per wrapped one): two
-    ``isinstance`` checks per module and step cost more than the walk."""
-    if issubclass(cls, (FullyShardedDataParallel, FSDPModule)):
-        return _SHARDED
-    return _ADAPTED if issubclass(cls, AdaptedLayerMixin) else _OTHER
-
-
 def _group_key(adapter: nn.Module) -> tuple | None:
     """The shape group ``adapter`` batches in, or None where it builds alone (FLoRA on an
     ungrouped conv runs factored)."""
@@ -363,7 +354,7 @@ def _group_key(adapter: nn.Module) -> tuple | None:
         if adapter.factored and not _whole_delta(adapter):
             return ("FoRA", adapter.a_shape, adapter.b_shape)
         return ("FoRA-delta", adapter.a_shape, adapter.b_shape, adapter.scale)
-    if isinstance(adapter, LoRA):  # LoRA and DoRA: their ΔW (DoRA's linears: W' − W0)
+    if isinstance(adapter, LoRA):  # LoRA and DoRA: their ΔW (DoRA's linears: W' itself)
         if not adapter.factored:
             return ("low-rank", *_low_rank_shapes(adapter))
         if not _whole_delta(adapter):
@@ -396,32 +387,23 @@ def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     (:func:`_whole_delta`) of ``model`` grouped by shape (groups of ≥ 2); none when FSDP
     units sit inside ``model`` (their layers build their own).
 
-    Walks ``_modules`` directly and stops at adapted layers (they hold only their adapter):
-    run before every forward, ``model.modules()`` cost about 4 times as much host time.
+    The layers come from :func:`~mm_spectral.adapters.layer_walk.adapted_layer_walk`,
+    which keeps its walk of the module tree between plans.
     """
+    layers = adapted_layer_walk(model)
+    if layers is None:
+        return []
     found: list[tuple[tuple, nn.Module]] = []
-    stack = list(model._modules.values())
-    while stack:
-        layer = stack.pop()
-        if layer is None:
-            continue
-        role = _role(type(layer))
-        if role == _OTHER:
-            stack.extend(layer._modules.values())
-            continue
-        if role == _SHARDED:
-            return []
-        adapter = layer._modules["adapter"]
-        if _role(type(adapter)) == _SHARDED:  # wrapped as its own unit (frozen_apart_wrap_policy)
-            return []
+    for layer, adapter in layers:
         if layer.merged:
             continue
         key = _group_key(adapter)
         if key is not None and key[0] == "DoRA-linear":
-            if layer.weight.requires_grad:  # its batched build takes W0 as frozen
+            weight = layer._parameters["weight"]
+            if weight.requires_grad:  # its batched build takes W0 as frozen
                 adapter.__dict__[WHOLE_DELTA] = False
                 continue
-            adapter.__dict__[_BASE] = layer.weight
+            adapter.__dict__[_BASE] = weight
         if key is not None:
             found.append((key, adapter))
     # The stack visits layers last-first: back in module order, a shared layer at its first
@@ -447,9 +429,9 @@ def _linears_may_batch(model: nn.Module) -> bool:
     forward: before it, a model of such linears alone has no group yet)."""
     seen: set[tuple] = set()
     for module in model.modules():
-        if _role(type(module)) == _SHARDED:
+        if role(type(module)) == SHARDED:
             return False  # FSDP units build their own
-        if _role(type(module)) != _ADAPTED or module.merged:
+        if role(type(module)) != ADAPTED or module.merged:
             continue
         adapter = module._modules["adapter"]
         if not isinstance(adapter, LowRankAdapter) or adapter.spec.kind != "linear":
@@ -477,13 +459,12 @@ def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> 
     elif kind == "low-rank":
         results = batched_low_rank_deltas(members)
     elif kind == "DoRA-linear":
-        results = batched_dora_deltas(members)
+        results = batched_dora_weights(members)
     elif kind == "FoRA-delta":
         results = batched_fora_deltas(members, cache)
     else:
         results = batched_fora_factors(members, cache)
-    for adapter, result in zip(members, results):
-        stash(adapter, result)
+    stash_all(members, results)
 
 
 def build_batched_spectra(model: nn.Module, cache: SlotCache | None = None) -> int:

@@ -15,8 +15,8 @@ from .base import LayerSpec, conv_options, layer_op, native_conv_ops, register_a
 from .bias_cast import compute_bias
 from .functional import (
     _as,
-    delta_linear,
     outside_autocast,
+    planned_weight_linear,
     rescale_in_weight,
     rescaled_low_rank_linear,
     rescaled_weight_linear,
@@ -198,9 +198,9 @@ class DoRA(LoRA):
             scale = self._scale(channel_norm(direction.detach()))
             return layer_op(layer, x, direction * _per_row(scale, layer.weight), layer.bias)
         if self.spec.kind == "linear":
-            delta = self.planned_delta(x)  # W' − W0 from a batched build
-            if delta is not None:
-                return delta_linear(x, layer.weight, layer.bias, delta)
+            rescaled = self.planned_delta(x)  # W' itself, from a batched build
+            if rescaled is not None:
+                return planned_weight_linear(x, layer, rescaled)
         down, up, s = self.low_rank_factors()
         if self.spec.kind == "linear" and rescale_in_weight(x, layer.weight, up):
             # The rescale in the weight: its norms from the summed weight itself.

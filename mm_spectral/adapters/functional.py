@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..kernels.dispatch import (
     OPTIONS,
@@ -415,6 +415,37 @@ class DeltaLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_delta
 
 
+class WeightLinear(torch.autograd.Function):
+    """y = x Wᵀ + b for a weight built this step (DoRA's W' from a batched build), cast to
+    the compute dtype on the way in; its gradient gᵀx in W's dtype (as :class:`DeltaLinear`
+    gives ΔW's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        dtype = compute_dtype(x)
+        x2 = _as(_rows(x), dtype)
+        w = _as(weight, dtype)
+        y = F.linear(x2, w, None if bias is None else _as(bias, dtype))
+        ctx.save_for_backward(x2, w)
+        ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
+        return _shaped(y, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x2, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        g = _as(_rows(grad_out), w.dtype)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = torch.mm(g, w)
+            grad_x = grad_x if len(ctx.x_shape) == 2 else grad_x.view(ctx.x_shape)
+        if need_w:
+            grad_w = factor_grad(g.t(), x2, 1.0, ctx.weight_dtype)
+        if need_b:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 def eager_native(x: Tensor, weight: Tensor, up: Tensor) -> Any:
     """The C++ module (:mod:`mm_spectral.kernels.native`) where this step should use it:
     eager, built, and not a step for the fused kernels; else None."""
@@ -494,6 +525,34 @@ def rescaled_weight_linear(
         bias = compute_bias(bias, x)
         return native.rescaled_weight_linear(x, weight, bias, down, up, scale, magnitude)
     return RescaledWeightLinear.apply(x, weight, bias, down, up, magnitude, scale)
+
+
+def planned_delta_linear(x: Tensor, layer: nn.Module, delta: Tensor) -> Tensor:
+    """:func:`delta_linear` of linear ``layer`` and the ΔW its batched build made, for an
+    eager step (a build is only planned outside ``torch.compile``). W and b come from the
+    layer's ``_parameters``: ``nn.Module.__getattr__`` cost about 1 µs per lookup, twice
+    per layer and step."""
+    params = layer._parameters
+    weight = params.get("weight")
+    if weight is None:  # not a registered parameter (a parametrization): the attributes
+        weight, bias = layer.weight, layer.bias
+    else:
+        bias = params["bias"] if "bias" in params else layer.bias
+    native = native_ops()
+    if native is not None:
+        return native.delta_linear(x, weight, compute_bias(bias, x), delta)
+    return DeltaLinear.apply(x, weight, bias, delta)
+
+
+def planned_weight_linear(x: Tensor, layer: nn.Module, weight: Tensor) -> Tensor:
+    """y = x Wᵀ + b for the whole weight ``weight`` a batched build made for linear ``layer``
+    (DoRA's W'), b the layer's bias: as :func:`planned_delta_linear`, without W0."""
+    params = layer._parameters
+    bias = params["bias"] if "bias" in params else layer.bias
+    native = native_ops()
+    if native is not None:
+        return native.weight_linear(x, weight, compute_bias(bias, x))
+    return WeightLinear.apply(x, weight, bias)
 
 
 def delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ taken where gradients are on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -46,6 +46,16 @@ def stash(adapter: nn.Module, value: Any) -> None:
     adapter.__dict__[_STASH] = (value, _versions(adapter), torch.is_grad_enabled())
 
 
+def stash_all(adapters: Iterable[nn.Module], values: Iterable[Any]) -> None:
+    """:func:`stash` each value in its adapter (a batched build's results), the grad mode
+    read once: per member this ran once for every layer of the model and step."""
+    with_grad = torch.is_grad_enabled()
+    for adapter, value in zip(adapters, values):
+        state = adapter.__dict__
+        state.pop(_BUILDER, None)
+        state[_STASH] = (value, _versions(adapter), with_grad)
+
+
 def stash_builder(adapter: nn.Module, build: Callable[[], None]) -> None:
     """Register ``build``, which stashes ``adapter``'s result (and its batch-mates'),
     to run when the adapter first asks for its result; drops an earlier stash."""
@@ -62,6 +72,12 @@ def take_stash(adapter: nn.Module) -> Any | None:
     """
     if torch.compiler.is_compiling():
         return None
+    return take_stash_eagerly(adapter)
+
+
+def take_stash_eagerly(adapter: nn.Module) -> Any | None:
+    """:func:`take_stash` for a caller that already knows no ``torch.compile`` trace is
+    running (one check less per layer and step)."""
     entry = adapter.__dict__.pop(_STASH, None)
     if entry is None:
         build = adapter.__dict__.pop(_BUILDER, None)

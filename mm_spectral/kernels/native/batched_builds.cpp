@@ -99,11 +99,11 @@ struct BatchedTuckerLinear : public torch::autograd::Function<BatchedTuckerLinea
   }
 };
 
-// DoRA's ΔW'_ℓ = c_ℓ ⊙ S_ℓ − W0_ℓ for L linears, S_ℓ = W0_ℓ + s·B_ℓ A_ℓ and c_ℓ = m_ℓ / ‖S_ℓ‖
-// per output row, the norm without gradient: (L, out, in) float32. The frozen W0 get no
+// DoRA's W'_ℓ = c_ℓ ⊙ S_ℓ for L linears, S_ℓ = W0_ℓ + s·B_ℓ A_ℓ and c_ℓ = m_ℓ / ‖S_ℓ‖ per
+// output row, the norm without gradient: (L, out, in) float32. The frozen W0 get no
 // gradient; the sums S are formed again in the backward rather than kept (a float32 copy
 // of every layer's weight until then).
-struct BatchedRescaledDelta : public torch::autograd::Function<BatchedRescaledDelta> {
+struct BatchedRescaledWeight : public torch::autograd::Function<BatchedRescaledWeight> {
   static Tensor forward(AutogradContext* ctx, at::TensorList weights, at::TensorList ups,
                         at::TensorList downs, at::TensorList magnitudes, double scale) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -114,7 +114,7 @@ struct BatchedRescaledDelta : public torch::autograd::Function<BatchedRescaledDe
     const Tensor norm = at::linalg_vector_norm(summed, 2, {2}, false, std::nullopt)
                             .clamp_min_(std::numeric_limits<float>::min());
     const Tensor channel = at::stack(magnitudes) / norm;
-    Tensor out = summed.mul_(channel.unsqueeze(2)).sub_(base);
+    Tensor out = summed.mul_(channel.unsqueeze(2));
     std::vector<Tensor> saved{up, down, norm, channel};
     saved.insert(saved.end(), weights.begin(), weights.end());
     ctx->save_for_backward(saved);
@@ -164,11 +164,11 @@ Tensor batched_tucker_linear(const std::vector<Tensor>& cores,
                                     at::TensorList(u_ins), scale);
 }
 
-Tensor batched_rescaled_delta(const std::vector<Tensor>& weights,
-                              const std::vector<Tensor>& ups,
-                              const std::vector<Tensor>& downs,
-                              const std::vector<Tensor>& magnitudes, double scale) {
-  return BatchedRescaledDelta::apply(at::TensorList(weights), at::TensorList(ups),
+Tensor batched_rescaled_weight(const std::vector<Tensor>& weights,
+                               const std::vector<Tensor>& ups,
+                               const std::vector<Tensor>& downs,
+                               const std::vector<Tensor>& magnitudes, double scale) {
+  return BatchedRescaledWeight::apply(at::TensorList(weights), at::TensorList(ups),
                                      at::TensorList(downs), at::TensorList(magnitudes), scale);
 }
 

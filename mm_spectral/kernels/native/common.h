@@ -130,12 +130,13 @@ Tensor rescaled_delta_conv2d(const Tensor& x, const Tensor& weight,
                              int64_t groups);
 Tensor delta_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                     const Tensor& delta);
+Tensor weight_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias);
 Tensor batched_product(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys,
                        double scale, bool transpose);
 Tensor batched_tucker_linear(const std::vector<Tensor>& cores,
                              const std::vector<Tensor>& u_outs,
                              const std::vector<Tensor>& u_ins, double scale);
-Tensor batched_rescaled_delta(const std::vector<Tensor>& weights,
+Tensor batched_rescaled_weight(const std::vector<Tensor>& weights,
                               const std::vector<Tensor>& ups,
                               const std::vector<Tensor>& downs,
                               const std::vector<Tensor>& magnitudes, double scale);

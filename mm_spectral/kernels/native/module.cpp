@@ -38,7 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batched_tucker_linear", &mm_spectral_native::batched_tucker_linear,
         "FLoRA's linear ΔW_l = scale · U_out,l G_l U_in,lᵀ for L same-shape layers, float32, as "
         "one C++ autograd node");
-  m.def("batched_rescaled_delta", &mm_spectral_native::batched_rescaled_delta,
-        "DoRA's ΔW'_l = m_l ⊙ S_l / ‖S_l‖ − W0_l, S_l = W0_l + scale · B_l A_l, for L same-shape "
+  m.def("weight_linear", &mm_spectral_native::weight_linear,
+        "y = x Wᵀ + b for a weight built this step, cast to the compute dtype, its gradient in "
+        "its own dtype, as one C++ autograd node");
+  m.def("batched_rescaled_weight", &mm_spectral_native::batched_rescaled_weight,
+        "DoRA's W'_l = m_l ⊙ S_l / ‖S_l‖, S_l = W0_l + scale · B_l A_l, for L same-shape "
         "linears (norm without gradient), float32, as one C++ autograd node");
 }

@@ -1,6 +1,7 @@
 // FourierFT's and FoRA's per-step builds as C++ autograd nodes: a sparse real spectrum's
-// inverse FFT (adapters/spectral.py's _SparseSpectrumToReal) and y = x (W + ΔW)ᵀ + b
-// (adapters/functional.py's DeltaLinear), the same ops issued from C++.
+// inverse FFT (adapters/spectral.py's _SparseSpectrumToReal), y = x (W + ΔW)ᵀ + b
+// (adapters/functional.py's DeltaLinear) and y = x Wᵀ + b for a built W (WeightLinear),
+// the same ops issued from C++.
 #include "common.h"
 
 namespace mm_spectral_native {
@@ -86,7 +87,44 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
   }
 };
 
+// y = x Wᵀ + b for a weight W built this step (DoRA's rescaled weight from a batched build):
+// W cast to the compute dtype on the way in, its gradient gᵀx in W's dtype where cuBLAS can
+// write it. DeltaLinear without the frozen weight to add.
+struct WeightLinear : public torch::autograd::Function<WeightLinear> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const std::optional<Tensor>& bias) {
+    const auto dtype = compute_dtype(x);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const Tensor x2 = input_rows(x, weight.size(1), dtype);
+    const Tensor w = as_dtype(weight, dtype);
+    const Tensor y = at::linear(x2, w, bias.has_value() ? as_dtype(*bias, dtype) : Tensor());
+    ctx->saved_data["x_shape"] = x.sizes();
+    ctx->saved_data["weight_dtype"] = weight.scalar_type();
+    return finish_forward(ctx, {x2, w}, bias.has_value(), y, x);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x2 = saved[0];
+    const Tensor& w = saved[1];
+    const Tensor g = gradient_rows(grad_outputs[0], w.size(0), w.scalar_type());
+    Tensor grad_x, grad_w;
+    if (ctx->needs_input_grad(0)) {
+      grad_x = input_shaped(ctx, at::mm(g, w));
+    }
+    if (ctx->needs_input_grad(1)) {
+      grad_w = factor_grad(g.t(), x2, 1.0, ctx->saved_data["weight_dtype"].toScalarType());
+    }
+    return {grad_x, grad_w, bias_grad(ctx, g)};
+  }
+};
+
 }  // namespace
+
+Tensor weight_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  return WeightLinear::apply(x, weight, bias);
+}
 
 Tensor sparse_spectrum_to_real(const Tensor& coefficients, const Tensor& positions,
                                int64_t rows, int64_t cols, double scale) {
