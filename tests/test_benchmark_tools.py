@@ -402,3 +402,40 @@ def test_python_builds_option_turns_off_the_native_builds_alone():
         {"LoRA r16": benchmark.ADAPTERS["LoRA r16"]}, None, ["auto", "python-builds"]
     )
     assert set(variants) == {"LoRA r16 [native auto]", "LoRA r16 [native python-builds]"}
+
+
+def test_repeat_summarises_each_process_against_its_own_baselines():
+    """benchmark_repeat: ratios are taken within a process, then median (min–max) across
+    processes: a process where everything ran slower moves the step times, not the ratios."""
+    sys.path.insert(0, str(REPO))
+    from tools import benchmark_repeat
+
+    def process(scale: float, lora: float) -> list[dict]:
+        rows = [("full FT", 50.0), ("floor (frozen)", 35.0), ("LoRA r16", lora)]
+        return [
+            dict(backbone="ViT-L/16", mode="eager", variant=v, step_ms=ms * scale) for v, ms in rows
+        ]
+
+    runs = {"tree": [process(1.0, 45.0), process(1.3, 45.0), process(1.0, 40.0)]}
+    rows = {row[3]: row for row in benchmark_repeat.summary_rows(runs)}
+    assert rows["LoRA r16"][4] == "3"
+    assert rows["LoRA r16"][5] == "45.0 (40.0–58.5)"
+    assert rows["LoRA r16"][6] == "0.900 (0.800–0.900)"
+    assert rows["LoRA r16"][7] == "1.286 (1.143–1.286)"
+    assert rows["full FT"][6] == "1.000 (1.000–1.000)"
+
+
+def test_repeat_runs_fresh_processes_of_the_benchmark():
+    """Two tiny CPU processes: one summary row per variant, each from both processes."""
+    out = run_tool(
+        "tools/benchmark_repeat.py", "--processes", "2", "--",
+        *("--tiny", "--device", "cpu", "--only", "ViT", "--variants", "LoRA"),
+        *("--warmup", "1", "--iters", "2", "--skip-inference"),
+    )  # fmt: skip
+    rows = {row[3]: row for row in table_rows(out, "processes per tree")}
+    assert set(rows) == {"full FT", "floor (frozen)", "LoRA r16"}
+    for row in rows.values():
+        assert row[4] == "2"
+        assert number(row[5].split(" ")[0]) > 0
+    assert rows["full FT"][6].startswith("1.000")
+    assert number(rows["LoRA r16"][7].split(" ")[0]) > 0
