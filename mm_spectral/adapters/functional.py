@@ -382,6 +382,32 @@ class RescaledWeightLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_d, grad_u, grad_m, None
 
 
+def _saved_linear(ctx, x: Tensor, w: Tensor, bias: Tensor | None, grad_dtype: torch.dtype):
+    """y = x wᵀ + b for a weight ``w`` in the compute dtype (x and b cast to it); saves what
+    :func:`_saved_linear_grads` reads, ``grad_dtype`` being the weight gradient's dtype."""
+    x2 = _as(_rows(x), w.dtype)
+    y = F.linear(x2, w, None if bias is None else _as(bias, w.dtype))
+    ctx.save_for_backward(x2, w)
+    ctx.x_shape, ctx.grad_dtype = x.shape, grad_dtype
+    return _shaped(y, x)
+
+
+def _saved_linear_grads(ctx, grad_out: Tensor, need_x: bool, need_weight: bool, need_b: bool):
+    """(dx, gᵀx, Σ g) of :func:`_saved_linear`, None where not needed; gᵀx in the saved
+    gradient dtype (from cuBLAS where it can write it)."""
+    x2, w = ctx.saved_tensors
+    g = _as(_rows(grad_out), w.dtype)
+    grad_x = grad_weight = grad_b = None
+    if need_x:
+        grad_x = torch.mm(g, w)
+        grad_x = grad_x if len(ctx.x_shape) == 2 else grad_x.view(ctx.x_shape)
+    if need_weight:
+        grad_weight = factor_grad(g.t(), x2, 1.0, ctx.grad_dtype)
+    if need_b:
+        grad_b = g.sum(0)
+    return grad_x, grad_weight, grad_b
+
+
 class DeltaLinear(torch.autograd.Function):
     """y = x (W + ΔW)ᵀ + b as one GEMM; ΔW's gradient goes back to its (small) graph, in
     ΔW's dtype straight from cuBLAS where it can write it (a float32 ΔW under autocast:
@@ -389,30 +415,18 @@ class DeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta):  # type: ignore[override]
-        dtype = compute_dtype(x)
-        x2 = _as(_rows(x), dtype)
-        w = add_as(weight, delta, 1.0, dtype)  # W + ΔW in the wider precision, cast on store
-        y = F.linear(x2, w, None if bias is None else _as(bias, dtype))
-        ctx.save_for_backward(x2, w)
-        ctx.x_shape, ctx.delta_dtype = x.shape, delta.dtype
-        return _shaped(y, x)
+        w = add_as(weight, delta, 1.0, compute_dtype(x))  # in the wider precision, cast on store
+        return _saved_linear(ctx, x, w, bias, delta.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x2, w = ctx.saved_tensors
         need_x, need_w, need_b, need_delta = ctx.needs_input_grad
-        g = _as(_rows(grad_out), w.dtype)
-        grad_x = grad_w = grad_b = grad_delta = None
-        if need_x:
-            grad_x = torch.mm(g, w)
-            grad_x = grad_x if len(ctx.x_shape) == 2 else grad_x.view(ctx.x_shape)
-        if need_w or need_delta:
-            grad_full = factor_grad(g.t(), x2, 1.0, ctx.delta_dtype if need_delta else g.dtype)
-            grad_w = grad_full if need_w else None
-            grad_delta = grad_full if need_delta else None
-        if need_b:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, grad_delta
+        if need_w and not need_delta:  # a trainable W alone: its gradient in g's dtype
+            ctx.grad_dtype = ctx.saved_tensors[1].dtype
+        grad_x, grad_full, grad_b = _saved_linear_grads(
+            ctx, grad_out, need_x, need_w or need_delta, need_b
+        )
+        return grad_x, grad_full if need_w else None, grad_b, grad_full if need_delta else None
 
 
 class WeightLinear(torch.autograd.Function):
@@ -422,28 +436,11 @@ class WeightLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # type: ignore[override]
-        dtype = compute_dtype(x)
-        x2 = _as(_rows(x), dtype)
-        w = _as(weight, dtype)
-        y = F.linear(x2, w, None if bias is None else _as(bias, dtype))
-        ctx.save_for_backward(x2, w)
-        ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
-        return _shaped(y, x)
+        return _saved_linear(ctx, x, _as(weight, compute_dtype(x)), bias, weight.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x2, w = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        g = _as(_rows(grad_out), w.dtype)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = torch.mm(g, w)
-            grad_x = grad_x if len(ctx.x_shape) == 2 else grad_x.view(ctx.x_shape)
-        if need_w:
-            grad_w = factor_grad(g.t(), x2, 1.0, ctx.weight_dtype)
-        if need_b:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b
+        return _saved_linear_grads(ctx, grad_out, *ctx.needs_input_grad)
 
 
 def eager_native(x: Tensor, weight: Tensor, up: Tensor) -> Any:

@@ -47,6 +47,36 @@ struct SparseSpectrumToReal : public torch::autograd::Function<SparseSpectrumToR
   }
 };
 
+// y = x2 wᵀ + b for the input's rows x2 and a weight w in the compute dtype `dtype`; saves
+// what saved_linear_grads reads, `grad_dtype` being the dtype the weight's gradient wants.
+Tensor saved_linear(AutogradContext* ctx, const Tensor& x, const Tensor& x2, const Tensor& w,
+                    const std::optional<Tensor>& bias, at::ScalarType dtype,
+                    at::ScalarType grad_dtype) {
+  const Tensor y = at::linear(x2, w, bias.has_value() ? as_dtype(*bias, dtype) : Tensor());
+  ctx->saved_data["x_shape"] = x.sizes();
+  ctx->saved_data["grad_dtype"] = grad_dtype;
+  return finish_forward(ctx, {x2, w}, bias.has_value(), y, x);
+}
+
+// (dx, gᵀx, Σ g) of saved_linear, each undefined unless asked for; gᵀx in the saved
+// gradient dtype out of cuBLAS where it can write it (a float32 weight, half g), else g's.
+std::array<Tensor, 3> saved_linear_grads(AutogradContext* ctx, const Tensor& grad, bool need_x,
+                                         bool need_weight, bool own_dtype) {
+  const auto saved = ctx->get_saved_variables();
+  const Tensor& x2 = saved[0];
+  const Tensor& w = saved[1];
+  const Tensor g = gradient_rows(grad, w.size(0), w.scalar_type());
+  Tensor grad_x, grad_weight;
+  if (need_x) {
+    grad_x = input_shaped(ctx, at::mm(g, w));
+  }
+  if (need_weight) {
+    const auto dtype = own_dtype ? ctx->saved_data["grad_dtype"].toScalarType() : g.scalar_type();
+    grad_weight = factor_grad(g.t(), x2, 1.0, dtype);
+  }
+  return {grad_x, grad_weight, bias_grad(ctx, g)};
+}
+
 // y = x (W + ΔW)ᵀ + b as one GEMM; ΔW's gradient (gᵀx, in ΔW's dtype where cuBLAS can write
 // it) goes back to its own graph.
 struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
@@ -57,33 +87,16 @@ struct DeltaLinear : public torch::autograd::Function<DeltaLinear> {
     const Tensor x2 = input_rows(x, weight.size(1), dtype);
     // W + ΔW added in the higher of the two precisions, cast once on store.
     const Tensor w = add_as(weight, delta, 1.0, dtype);
-    const Tensor y = at::linear(x2, w, bias.has_value() ? as_dtype(*bias, dtype) : Tensor());
-    ctx->saved_data["x_shape"] = x.sizes();
-    ctx->saved_data["delta_dtype"] = delta.scalar_type();
-    return finish_forward(ctx, {x2, w}, bias.has_value(), y, x);
+    return saved_linear(ctx, x, x2, w, bias, dtype, delta.scalar_type());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const auto saved = ctx->get_saved_variables();
-    const Tensor& x2 = saved[0];
-    const Tensor& w = saved[1];
-    const Tensor g = gradient_rows(grad_outputs[0], w.size(0), w.scalar_type());
     const bool need_w = ctx->needs_input_grad(1);
     const bool need_delta = ctx->needs_input_grad(edge_after_bias(ctx));  // x, W, [b], ΔW
-    Tensor grad_x, grad_w, grad_delta;
-    if (ctx->needs_input_grad(0)) {
-      grad_x = input_shaped(ctx, at::mm(g, w));
-    }
-    if (need_w || need_delta) {
-      // In ΔW's dtype out of cuBLAS where it can write it (float32 ΔW, half g).
-      const auto dtype = need_delta ? ctx->saved_data["delta_dtype"].toScalarType()
-                                    : g.scalar_type();
-      const Tensor grad_full = factor_grad(g.t(), x2, 1.0, dtype);
-      grad_w = need_w ? grad_full : Tensor();
-      grad_delta = need_delta ? grad_full : Tensor();
-    }
-    return {grad_x, grad_w, bias_grad(ctx, g), grad_delta};
+    const auto [grad_x, grad_full, grad_b] = saved_linear_grads(
+        ctx, grad_outputs[0], ctx->needs_input_grad(0), need_w || need_delta, need_delta);
+    return {grad_x, need_w ? grad_full : Tensor(), grad_b, need_delta ? grad_full : Tensor()};
   }
 };
 
@@ -96,27 +109,14 @@ struct WeightLinear : public torch::autograd::Function<WeightLinear> {
     const auto dtype = compute_dtype(x);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const Tensor x2 = input_rows(x, weight.size(1), dtype);
-    const Tensor w = as_dtype(weight, dtype);
-    const Tensor y = at::linear(x2, w, bias.has_value() ? as_dtype(*bias, dtype) : Tensor());
-    ctx->saved_data["x_shape"] = x.sizes();
-    ctx->saved_data["weight_dtype"] = weight.scalar_type();
-    return finish_forward(ctx, {x2, w}, bias.has_value(), y, x);
+    return saved_linear(ctx, x, x2, as_dtype(weight, dtype), bias, dtype, weight.scalar_type());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const auto saved = ctx->get_saved_variables();
-    const Tensor& x2 = saved[0];
-    const Tensor& w = saved[1];
-    const Tensor g = gradient_rows(grad_outputs[0], w.size(0), w.scalar_type());
-    Tensor grad_x, grad_w;
-    if (ctx->needs_input_grad(0)) {
-      grad_x = input_shaped(ctx, at::mm(g, w));
-    }
-    if (ctx->needs_input_grad(1)) {
-      grad_w = factor_grad(g.t(), x2, 1.0, ctx->saved_data["weight_dtype"].toScalarType());
-    }
-    return {grad_x, grad_w, bias_grad(ctx, g)};
+    const auto [grad_x, grad_w, grad_b] = saved_linear_grads(
+        ctx, grad_outputs[0], ctx->needs_input_grad(0), ctx->needs_input_grad(1), true);
+    return {grad_x, grad_w, grad_b};
   }
 };
 
