@@ -233,9 +233,9 @@ class LowRankAdapter(BaseAdapter):
 
     def batches_linear_delta(self) -> bool:
         """Whether, on a linear, a batched build (:func:`mm_spectral.enable_batched_spectra`)
-        should make this adapter's whole weight change (ΔW; DoRA's whole weight W') and the
-        layer step as W0 + ΔW (with W') (:func:`mm_spectral.kernels.dispatch.batched_delta_linear`, by the
-        tokens of the layer's last forward)."""
+        should make this adapter's whole weight change ΔW (DoRA's: its whole weight W') and
+        the layer step as W0 + ΔW (with W'), by the tokens of the layer's last forward
+        (:func:`mm_spectral.kernels.dispatch.batched_delta_linear`)."""
         if self.spec.kind != "linear":
             return False
         out_features, in_features = self.spec.weight_shape

@@ -524,17 +524,22 @@ def rescaled_weight_linear(
     return RescaledWeightLinear.apply(x, weight, bias, down, up, magnitude, scale)
 
 
+def _layer_bias(layer: nn.Module) -> Tensor | None:
+    """A linear's bias from ``_parameters`` where it is registered (None included), else the
+    attribute."""
+    params = layer._parameters
+    return params["bias"] if "bias" in params else layer.bias
+
+
 def planned_delta_linear(x: Tensor, layer: nn.Module, delta: Tensor) -> Tensor:
     """:func:`delta_linear` of linear ``layer`` and the ΔW its batched build made, for an
     eager step (a build is only planned outside ``torch.compile``). W and b come from the
     layer's ``_parameters``: ``nn.Module.__getattr__`` cost about 1 µs per lookup, twice
     per layer and step."""
-    params = layer._parameters
-    weight = params.get("weight")
-    if weight is None:  # not a registered parameter (a parametrization): the attributes
-        weight, bias = layer.weight, layer.bias
-    else:
-        bias = params["bias"] if "bias" in params else layer.bias
+    weight = layer._parameters.get("weight")
+    if weight is None:  # not a registered parameter (a parametrization): the attribute
+        weight = layer.weight
+    bias = _layer_bias(layer)
     native = native_ops()
     if native is not None:
         return native.delta_linear(x, weight, compute_bias(bias, x), delta)
@@ -544,8 +549,7 @@ def planned_delta_linear(x: Tensor, layer: nn.Module, delta: Tensor) -> Tensor:
 def planned_weight_linear(x: Tensor, layer: nn.Module, weight: Tensor) -> Tensor:
     """y = x Wᵀ + b for the whole weight ``weight`` a batched build made for linear ``layer``
     (DoRA's W'), b the layer's bias: as :func:`planned_delta_linear`, without W0."""
-    params = layer._parameters
-    bias = params["bias"] if "bias" in params else layer.bias
+    bias = _layer_bias(layer)
     native = native_ops()
     if native is not None:
         return native.weight_linear(x, weight, compute_bias(bias, x))

@@ -42,8 +42,7 @@ def _versions(adapter: nn.Module) -> list[int]:
 
 def stash(adapter: nn.Module, value: Any) -> None:
     """Hand ``adapter`` a prebuilt result, valid while its parameters are unchanged."""
-    adapter.__dict__.pop(_BUILDER, None)
-    adapter.__dict__[_STASH] = (value, _versions(adapter), torch.is_grad_enabled())
+    stash_all((adapter,), (value,))
 
 
 def stash_all(adapters: Iterable[nn.Module], values: Iterable[Any]) -> None:
