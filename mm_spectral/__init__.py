@@ -11,6 +11,7 @@ import sys
 from .adapters import ADAPTERS, BitFit, DoRA, FLoRA, FoRA, FourierFT, LoRA, register_adapter
 from .adapters.batched_spectra import enable_batched_spectra
 from .delta_stats import delta_stats
+from .flat_adamw import FlatAdamW
 from .inject import cast_frozen, freeze, inject, merge, remove_adapters, reset_from_base, unmerge
 from .report import parameter_counts, trainable_report
 from .state import (
@@ -35,6 +36,7 @@ __all__ = [
     "BitFit",
     "DoRA",
     "FLoRA",
+    "FlatAdamW",
     "FoRA",
     "FourierFT",
     "LoRA",

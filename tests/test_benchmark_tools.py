@@ -170,6 +170,37 @@ def test_interleaved_training_benchmark_tiny_run():
     assert refused.returncode == 2 and "--interleave" in refused.stderr
 
 
+def test_benchmark_runs_adapters_once_per_optimizer():
+    """--optimizer fused flat: each adapter once with torch's fused AdamW, once with
+    FlatAdamW; full FT keeps torch's."""
+    out = run_tool(
+        "tools/benchmark.py",
+        *("--tiny", "--device", "cpu", "--only", "ViT", "--skip-inference", "--interleave"),
+        *("--variants", "LoRA", "--warmup", "1", "--iters", "2", "--optimizer", "fused", "flat"),
+    )
+    assert "AdamW (adapters: FlatAdamW unless labelled)" in out
+    training = {row[1] for row in table_rows(out, "Training step")}
+    assert training == {
+        "full FT",
+        "floor (frozen)",
+        "LoRA r16 [fused AdamW]",
+        "LoRA r16 [flat AdamW]",
+    }
+
+
+def test_optimizer_benchmark_tiny_run():
+    """benchmark_optimizer.py: one row per optimizer over the adapter's trainable tensors."""
+    out = run_tool(
+        "tools/benchmark_optimizer.py",
+        *("--tiny", "--device", "cpu", "--only", "ViT", "--variants", "LoRA"),
+        *("--warmup", "1", "--iters", "2"),
+    )
+    rows = table_rows(out, "One AdamW step")
+    assert [row[3] for row in rows] == ["AdamW fused", "AdamW foreach", "FlatAdamW"]
+    assert all(row[1] == "LoRA r16" and int(row[2]) > 0 for row in rows)
+    assert all(number(row[4]) > 0 and number(row[6]) > 0 for row in rows)
+
+
 def test_model_benchmark_interleaved_tiny_run():
     """benchmark_model.py --interleave: the models take turns; ratios to the run's floor."""
     out = run_tool(

@@ -559,9 +559,10 @@ def test_bases_compose_and_schedules_build(tmp_path):
         Config.fromfile(str(BASE / "schedules" / s))
         for s in ("coco_1x_adamw.py", "ade20k_160k_adamw.py", "dota_1x_sgd.py")
     )
-    assert coco.optim_wrapper.optimizer == dict(
-        type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05
+    assert coco.optim_wrapper.optimizer == dict(  # AdamW's arithmetic, one launch per group
+        type="FlatAdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05
     )
+    assert ade.optim_wrapper.optimizer == coco.optim_wrapper.optimizer
     assert coco.train_cfg.max_epochs == 12 and coco.param_scheduler[1].milestones == [8, 11]
     assert coco.param_scheduler[0].end == 500
     assert ade.train_cfg == dict(type="IterBasedTrainLoop", max_iters=160000, val_interval=16000)

@@ -359,6 +359,55 @@ def test_optimizer_constructor_sees_only_trainable_and_logs_one_line():
             assert by_param[id(model.head.weight)]["lr"] == pytest.approx(2e-3)
 
 
+def test_flat_adamw_from_a_config_steps_as_torch_adamw():
+    """optimizer=dict(type='FlatAdamW'): MMEngine builds it with the constructor's groups,
+    packs each group into one buffer, and it steps as torch's fused AdamW does."""
+    from mmengine.optim import build_optim_wrapper
+
+    from mm_spectral import FlatAdamW
+
+    paramwise = dict(norm_decay_mult=0.0, custom_keys={"head": dict(lr_mult=2)})
+    models, wrappers = [], []
+    for kind in ("FlatAdamW", "AdamW"):
+        model = toy_model(trainable=[r"norm\..*"])
+        optimizer = dict(type=kind, lr=1e-2, weight_decay=0.05)
+        if kind == "AdamW":
+            optimizer["fused"] = True
+        cfg = dict(
+            constructor="AdapterOptimWrapperConstructor",
+            optimizer=optimizer,
+            paramwise_cfg=paramwise,
+        )
+        models.append(model)
+        wrappers.append(build_optim_wrapper(model, cfg))
+    flat = wrappers[0].optimizer
+    assert isinstance(flat, FlatAdamW) and len(flat.param_groups) > 1
+    assert any(packed is not None for packed in flat._flat.values())
+    for step in range(3):
+        for model, wrapper in zip(models, wrappers):
+            torch.manual_seed(step)
+            wrapper.update_params(model(torch.randn(2, 3, 8, 8)).square().mean())
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_plain_config_gives_flat_adamw_back_as_torch_adamw():
+    cfg = Config(
+        dict(
+            model=dict(type="ResNet", depth=18),
+            custom_imports=dict(imports=["mm_spectral.openmmlab"]),
+            optim_wrapper=dict(
+                constructor="AdapterOptimWrapperConstructor",
+                optimizer=dict(type="FlatAdamW", lr=1e-4, weight_decay=0.05),
+            ),
+        )
+    )
+    plain = plain_config(cfg)
+    assert plain.optim_wrapper.optimizer.type == "AdamW"
+    assert "constructor" not in plain.optim_wrapper and "custom_imports" not in plain
+    assert cfg.optim_wrapper.optimizer.type == "FlatAdamW"
+
+
 # ---------------------------------------------------------------- ΔW statistics
 def test_amplification_matches_exact_svd_reference():
     gen = torch.Generator().manual_seed(0)

@@ -185,6 +185,7 @@ def train_step_fn(
     mode: str = "eager",
     target: torch.Tensor | None = None,
     batched_spectra: bool = False,
+    optimizer_kind: str = "fused",
 ) -> Callable[[], float]:
     """One training step (forward, backward, AdamW) as a closure; the loss is the features'
     mean square, or their mean squared error to ``target`` when given.
@@ -195,12 +196,11 @@ def train_step_fn(
     (:func:`mm_spectral.cuda_graph.enable_cuda_graph`), which removes the host's per-op
     dispatch and so shows what the GPU itself spends. ``batched_spectra`` builds all
     same-shape FourierFT/FoRA spectra with one FFT per step
-    (:func:`mm_spectral.enable_batched_spectra`).
+    (:func:`mm_spectral.enable_batched_spectra`). ``optimizer_kind``: see
+    :func:`make_optimizer`.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW: one kernel set for all tensors (foreach costs ms for hundreds of small ones)
-    fused = x.device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused) if params else None
+    optimizer = make_optimizer(params, optimizer_kind, x.device.type)
     device_type = x.device.type
 
     features: Callable[[torch.Tensor], torch.Tensor] = model.forward_features
@@ -248,6 +248,32 @@ def train_step_fn(
     return step
 
 
+def make_optimizer(
+    params: list[nn.Parameter], kind: str, device_type: str, **kwargs: float
+) -> torch.optim.Optimizer | None:
+    """AdamW over ``params`` (lr 1e-4 unless given): 'fused' is torch's fused AdamW (one
+    kernel set for all tensors; on CUDA only, as the CPU's loop takes longer there),
+    'foreach' torch's default (what MMEngine builds from ``type='AdamW'``; it costs ms for
+    hundreds of small tensors), 'flat' :class:`mm_spectral.FlatAdamW` (the fused arithmetic,
+    one launch per group), as this project's configs train."""
+    if not params:
+        return None
+    kwargs.setdefault("lr", 1e-4)
+    if kind == "flat":
+        return mm_spectral.FlatAdamW(params, **kwargs)
+    if kind == "foreach":
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+    return torch.optim.AdamW(params, fused=device_type == "cuda", **kwargs)
+
+
+def optimizer_kind(label: str, options: dict[str, str] | None) -> str:
+    """The optimizer a variant steps with: its ``--optimizer`` option, else FlatAdamW for
+    adapters (as the configs train them) and torch's fused AdamW for the plain model."""
+    if options and "optimizer" in options:
+        return options["optimizer"]
+    return "fused" if label.startswith(("full FT", "floor")) else "flat"
+
+
 PHASES = ("forward", "backward", "optimizer", "wait")
 
 
@@ -282,10 +308,12 @@ NATIVE = ("LoRA", "DoRA", "FLoRA", "FourierFT", "FoRA")  # methods with C++ node
 # methods whose ΔW builds can be batched (LoRA / DoRA: on grouped convs, e.g. ConvNeXt's)
 SPECTRAL = ("FourierFT", "FoRA", "FLoRA", "LoRA", "DoRA")
 # variant keys that set how it runs, not the adapter
-RUN_OPTIONS = ("rank_term", "native", "batched_spectra", "batched_linears")
+RUN_OPTIONS = ("rank_term", "native", "batched_spectra", "batched_linears", "optimizer")
 # methods whose linears can take their whole ΔW from a batched build (OPTIONS.batched_linears)
 WHOLE_DELTA = ("LoRA", "DoRA", "FLoRA", "FoRA")
 BATCHED_TAGS = {"on": "batched", "off": "per-layer spectra"}
+# methods that --optimizer runs once per optimizer (the plain model keeps torch's fused AdamW)
+OPTIMIZED = ("LoRA", "DoRA", "FLoRA", "FourierFT", "FoRA", "BitFit")
 
 
 def path_variants(
@@ -294,13 +322,16 @@ def path_variants(
     natives: list[str] | None = None,
     batched: list[str] | None = None,
     whole: list[str] | None = None,
+    optimizers: list[str] | None = None,
 ) -> dict[str, dict]:
     """Each low-rank adapter once per rank-term form (``OPTIONS.rank_term``), each adapter
     with C++ nodes once per native mode (:mod:`mm_spectral.kernels.native`) and each
     spectral one once per batched-spectra setting asked for, and each additive low-rank one
-    once per batched-linears setting (``OPTIONS.batched_linears``), labelled with them."""
+    once per batched-linears setting (``OPTIONS.batched_linears``), and every adapter once
+    per optimizer (:func:`make_optimizer`), labelled with them."""
     axes = (("rank_term", terms, LOW_RANK), ("native", natives, NATIVE),
-            ("batched_spectra", batched, SPECTRAL), ("batched_linears", whole, WHOLE_DELTA))  # fmt: skip
+            ("batched_spectra", batched, SPECTRAL), ("batched_linears", whole, WHOLE_DELTA),
+            ("optimizer", optimizers, OPTIMIZED))  # fmt: skip
     if not any(values for _, values, _ in axes):
         return adapters
     expanded = {}
@@ -315,6 +346,7 @@ def path_variants(
                     "native": f"native {v}",
                     "batched_spectra": BATCHED_TAGS.get(v),
                     "batched_linears": f"linear ΔW batched {v}",
+                    "optimizer": f"{v} AdamW",
                 }[k]  # fmt: skip
                 for k, v in options.items()
             ]
@@ -375,6 +407,18 @@ def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
         "builds the linears' whole ΔW in one batch per same-shape chunk and steps them as "
         "W0 + ΔW (OPTIONS.batched_linears, where the rank term is dense and the tokens "
         "few), 'off' per layer",
+    )
+
+    parser.add_argument(
+        "--optimizer",
+        nargs="+",
+        default=None,
+        choices=["fused", "flat", "foreach"],
+        help="run each adapter variant once per optimizer given: 'flat' (default for "
+        "adapters) mm_spectral.FlatAdamW, one fused launch per parameter group, as the "
+        "configs train; 'fused' torch's fused AdamW, one launch over every tensor (full FT "
+        "always steps with it); 'foreach' torch's default AdamW (what MMEngine builds from "
+        "type='AdamW')",
     )
 
 
@@ -447,7 +491,10 @@ def prepare(
     # float16 steps scale the loss, as OpenMMLab's AmpOptimWrapper does (mmdet's AMP).
     scaler = torch.amp.GradScaler(x.device.type) if dtype == torch.float16 else None
     with applied(options or {}):
-        step = train_step_fn(model, x, dtype, scaler, mode=args.mode, batched_spectra=batched)
+        step = train_step_fn(
+            model, x, dtype, scaler, mode=args.mode, batched_spectra=batched,
+            optimizer_kind=optimizer_kind(label, options),
+        )  # fmt: skip
     return Prepared(label, model, with_run_options(step, options or {}), batched)
 
 
@@ -748,7 +795,9 @@ def print_training_table(results: list[Result], args, mode: str, device_name: st
     eager = [r for r in results if r.mode == "eager" and r.variant == "full FT"]
     extra = " | × eager full FT" if eager and mode != "eager" else ""
     frozen = f", frozen weights {args.frozen_dtype}" if args.frozen_dtype else ""
-    print(f"\n### Training step, {args.dtype} autocast, AdamW{frozen}, {mode} — {device_name}\n")
+    print(
+        f"\n### Training step, {args.dtype} autocast, AdamW (adapters: FlatAdamW unless labelled){frozen}, {mode} — {device_name}\n"
+    )
     memory = "peak reserved (GiB)" if mode == "cuda-graph" else "peak (GiB)"
     print(
         f"| backbone, batch | variant | trainable | step (ms) | × floor | × full FT{extra} "
@@ -877,7 +926,7 @@ def main() -> None:
         }
     args.adapters = path_variants(
         args.adapters, args.rank_term, args.native, args.batched_spectra or None,
-        args.batched_linears,
+        args.batched_linears, args.optimizer,
     )  # fmt: skip
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"

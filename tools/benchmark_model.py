@@ -5,8 +5,8 @@ each adapter), 2 x 1024², boxes and masks. ``--preset vit-upernet``: UperNet Vi
 LoRA, FourierFT and FoRA at 512². ``--preset internvit6b``: InternViT-6B + FLoRA r16 UperNet
 at 512², activation checkpointing. UperNet presets keep frozen backbone weights in bf16;
 images/s and peak memory (with ``--cuda-graph``: peak reserved, where a graph's pool lives). Each model is built through its toolbox's registry and fed a fixed
-synthetic batch; forward + losses + backward + AdamW under bf16 autocast, median of
-CUDA-synchronised steps after warm-up.
+synthetic batch; forward + losses + backward + AdamW (FlatAdamW for adapters) under bf16
+autocast, median of CUDA-synchronised steps after warm-up.
 
     python tools/benchmark_model.py --preset maskrcnn
     python tools/benchmark_model.py --preset vit-upernet [--cuda-graph]
@@ -38,6 +38,8 @@ from mm_spectral.cuda_graph import enable_cuda_graph  # noqa: E402
 from tools.benchmark import (  # noqa: E402
     add_run_option_arguments,
     applied,
+    make_optimizer,
+    optimizer_kind,
     path_variants,
     require_native_nodes,
     run_options,
@@ -223,9 +225,8 @@ def prepare_config(
     inputs = [model.data_preprocessor(batch, training=True) for batch in batches]
     turn = itertools.count()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=1e-4, weight_decay=0.05, fused=args.device.startswith("cuda")
-    )
+    kind = (options or {}).get("optimizer", "fused")
+    optimizer = make_optimizer(params, kind, args.device.split(":")[0], weight_decay=0.05)
 
     dtype = getattr(torch, args.dtype)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -382,8 +383,12 @@ def main() -> None:
         args.native,
         args.batched_spectra or None,
         args.batched_linears,
+        args.optimizer,
     )
-    runs = [(label, cfg["path"], run_options(cfg)) for label, cfg in expanded.items()]
+    runs = [
+        (label, cfg["path"], dict(run_options(cfg), optimizer=optimizer_kind(label, cfg)))
+        for label, cfg in expanded.items()
+    ]
     chosen = {label: path for label, path, _ in runs}
     if args.interleave:
         measured = time_configs_interleaved([(path, opts) for _, path, opts in runs], args)
@@ -401,7 +406,7 @@ def main() -> None:
         model = "ViT-L/16" if args.preset == "vit-upernet" else "InternViT-6B"
         print(
             f"\n### {model} UperNet training step, {args.batch}×{args.size}², frozen weights "
-            f"bf16, {args.dtype} autocast, AdamW{graph} — {device_name}\n"
+            f"bf16, {args.dtype} autocast, AdamW (adapters: FlatAdamW unless labelled){graph} — {device_name}\n"
         )
         print(f"| variant | trainable | step (ms) | images/s | {memory} |\n|---|---|---|---|---|")
         for name, ms, peak, trainable in rows:
@@ -415,7 +420,7 @@ def main() -> None:
     sizes = ", ".join(f"{h}×{w}" for h, w in args.shapes)
     print(
         f"\n### Mask R-CNN ConvNeXt-V2-L training step, {args.batch}× ({sizes}), "
-        f"{args.dtype} autocast, AdamW{graph} — {device_name}\n"
+        f"{args.dtype} autocast, AdamW (adapters: FlatAdamW unless labelled){graph} — {device_name}\n"
     )
     print(f"| variant | trainable | step (ms) | × floor | × full FT | {memory} | vs floor |")
     print("|---|---|---|---|---|---|---|")

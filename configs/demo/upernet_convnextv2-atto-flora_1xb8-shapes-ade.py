@@ -30,7 +30,7 @@ test_cfg = dict(type='TestLoop')
 optim_wrapper = dict(
     type='OptimWrapper',
     constructor='AdapterOptimWrapperConstructor',
-    optimizer=dict(type='AdamW', lr=2e-3, weight_decay=0.05))
+    optimizer=dict(type='FlatAdamW', lr=2e-3, weight_decay=0.05))
 param_scheduler = [dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=200)]
 default_hooks = dict(logger=dict(interval=10), checkpoint=dict(by_epoch=False, interval=200))
 custom_hooks = [dict(type='AdapterHook')]

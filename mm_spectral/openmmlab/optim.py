@@ -15,10 +15,14 @@ import logging
 
 from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
-from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIMIZERS
 from torch import nn
 
+from ..flat_adamw import FlatAdamW
 from .log_filters import filtered_log
+
+# optimizer=dict(type='FlatAdamW', ...): AdamW's arithmetic, one fused launch per group.
+OPTIMIZERS.register_module(module=FlatAdamW)
 
 # Per-parameter messages of DefaultOptimWrapperConstructor.add_params.
 _SKIPPED = "is skipped since its requires_grad=False"

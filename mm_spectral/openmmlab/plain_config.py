@@ -10,6 +10,8 @@ from typing import Any
 import mmengine.registry as mm_registries
 from mmengine.registry import HOOKS, Registry
 
+from ..flat_adamw import FlatAdamW
+
 PACKAGE = "mm_spectral"
 _TYPE_KEYS = ("type", "constructor")  # where configs name registered classes
 
@@ -20,7 +22,8 @@ def plain_config(cfg: Any) -> Any:
     Every AdaptedBackbone dict becomes its inner ``backbone`` (at any depth), hooks that
     declare ``needs_adapters`` leave ``custom_hooks``, ``load_from`` / ``resume`` are
     cleared, and a FlexibleRunner ``strategy`` (FSDP / DeepSpeed need a process group; the
-    merged model runs on one device) is dropped. When no class registered by mm_spectral
+    merged model runs on one device) is dropped, and a FlatAdamW optimizer becomes torch's
+    AdamW (the same arithmetic). When no class registered by mm_spectral
     is left (e.g. a ResNet backbone),
     ``custom_imports`` loses mm_spectral and ``optim_wrapper`` its adapter-aware
     constructor, so the config runs where mm_spectral is not installed; a registered
@@ -44,6 +47,9 @@ def plain_config(cfg: Any) -> Any:
     if plain.get("runner_type") in ("FlexibleRunner", "mmengine.FlexibleRunner"):
         plain.pop("runner_type")
         plain.pop("strategy", None)
+    optimizer = (plain.get("optim_wrapper") or {}).get("optimizer") or {}
+    if _type_name(optimizer.get("type")) == FlatAdamW.__name__:
+        optimizer["type"] = "AdamW"  # the same arithmetic, in torch
     used = set(mm_spectral_names(plain))
     constructor = (plain.get("optim_wrapper") or {}).get("constructor")
     if used == {_type_name(constructor)}:  # the constructor alone: MMEngine's default does
