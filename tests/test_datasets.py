@@ -559,7 +559,7 @@ def test_bases_compose_and_schedules_build(tmp_path):
         Config.fromfile(str(BASE / "schedules" / s))
         for s in ("coco_1x_adamw.py", "ade20k_160k_adamw.py", "dota_1x_sgd.py")
     )
-    assert coco.optim_wrapper.optimizer == dict(  # AdamW's arithmetic, one launch per group
+    assert coco.optim_wrapper.optimizer == dict(  # AdamW arithmetic, one launch per buffer
         type="FlatAdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05
     )
     assert ade.optim_wrapper.optimizer == coco.optim_wrapper.optimizer

@@ -84,9 +84,9 @@ def test_steps_equal_fused_adamw(kwargs, device):
     _assert_same(ours, opt, theirs, ref)
 
 
-def test_one_fused_launch_per_group(monkeypatch):
-    ours, opt, _, _ = _pair()
-    calls = []
+def _count_launches(monkeypatch) -> list[int]:
+    """The tensor count of every ``torch._fused_adamw_`` launch from now on."""
+    calls: list[int] = []
     real = torch._fused_adamw_
 
     def counting(params, *args, **kwargs):
@@ -94,6 +94,12 @@ def test_one_fused_launch_per_group(monkeypatch):
         return real(params, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_fused_adamw_", counting)
+    return calls
+
+
+def test_one_fused_launch_per_group(monkeypatch):
+    ours, opt, _, _ = _pair()
+    calls = _count_launches(monkeypatch)
     _train(ours, opt, range(2))
     assert calls == [1, 1, 1, 1]  # two groups, two steps, one flat tensor each
     buffers = {p.untyped_storage().data_ptr() for p in opt.param_groups[0]["params"]}
@@ -204,3 +210,50 @@ def test_model_state_dict_of_flat_views_saves_and_loads():
     _train(ours, again, range(2))
     _train(reference, stock, range(2))
     _assert_same(ours, again, reference, stock)
+
+
+def test_members_start_on_aligned_slots_with_zero_gaps():
+    """A 5-element bias does not shift the tensors after it off a 128-byte boundary."""
+    ours, opt, _, _ = _pair()
+    for packed in (group.buffers[0] for group in opt._flat.values()):
+        base = packed.params.data_ptr()
+        assert all((p.data_ptr() - base) % 128 == 0 for p in packed.members)
+        covered = torch.zeros(packed.params.numel(), dtype=torch.bool)
+        for p in packed.members:
+            start = (p.data_ptr() - base) // p.element_size()
+            covered[start : start + p.numel()] = True
+        _train(ours, opt, range(2))
+        assert not packed.params.cpu()[~covered].any()
+        _backward(ours, 3)
+        assert not packed.gradients().cpu()[~covered].any()
+        opt.zero_grad()
+
+
+def test_aligned_sizes_first_then_padded_ones_step_as_torch():
+    """Members whose sizes keep alignment go first (no gaps), odd-sized ones after."""
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 32), nn.Linear(32, 6)).to(DEVICE)
+    theirs = copy.deepcopy(ours)
+    opt = FlatAdamW(ours.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
+    (packed,) = opt._flat[0].buffers
+    assert [p.numel() for p in packed.members] == [160, 32, 192, 30, 5, 6]
+    assert packed.unpadded == 3 and [g.numel() for g in packed.gaps] == [2, 27, 0]
+    _train(ours, opt, range(3))
+    _train(theirs, ref, range(3))
+    _assert_same(ours, opt, theirs, ref)
+
+
+def test_buffers_hold_at_most_their_cap_and_step_as_torch(monkeypatch):
+    """Past BUFFER_BYTES a group takes several buffers, one fused launch each."""
+    monkeypatch.setattr(FlatAdamW, "BUFFER_BYTES", 200)  # bytes: 50 float32 elements
+    ours, opt, theirs, ref = _pair()
+    sizes = [[p.numel() for p in b.members] for b in opt._flat[0].buffers]
+    assert sizes == [[48], [40]]
+    sizes = [[p.numel() for p in b.members] for b in opt._flat[1].buffers]
+    assert sizes == [[8, 5, 5, 5]]
+    calls = _count_launches(monkeypatch)
+    _train(ours, opt, range(3))
+    _train(theirs, ref, range(3))
+    assert calls[:9] == [1] * 9  # ours: three buffers, three steps
+    _assert_same(ours, opt, theirs, ref)

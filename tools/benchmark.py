@@ -255,7 +255,7 @@ def make_optimizer(
     kernel set for all tensors; on CUDA only, as the CPU's loop takes longer there),
     'foreach' torch's default (what MMEngine builds from ``type='AdamW'``; it costs ms for
     hundreds of small tensors), 'flat' :class:`mm_spectral.FlatAdamW` (the fused arithmetic,
-    one launch per group), as this project's configs train."""
+    one launch per flat buffer), as this project's configs train."""
     if not params:
         return None
     kwargs.setdefault("lr", 1e-4)
@@ -415,7 +415,7 @@ def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=["fused", "flat", "foreach"],
         help="run each adapter variant once per optimizer given: 'flat' (default for "
-        "adapters) mm_spectral.FlatAdamW, one fused launch per parameter group, as the "
+        "adapters) mm_spectral.FlatAdamW, one fused launch per flat buffer of tensors, as the "
         "configs train; 'fused' torch's fused AdamW, one launch over every tensor (full FT "
         "always steps with it); 'foreach' torch's default AdamW (what MMEngine builds from "
         "type='AdamW')",

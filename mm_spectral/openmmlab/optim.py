@@ -21,7 +21,7 @@ from torch import nn
 from ..flat_adamw import FlatAdamW
 from .log_filters import filtered_log
 
-# optimizer=dict(type='FlatAdamW', ...): AdamW's arithmetic, one fused launch per group.
+# optimizer=dict(type='FlatAdamW', ...): AdamW's arithmetic, one launch per flat buffer.
 OPTIMIZERS.register_module(module=FlatAdamW)
 
 # Per-parameter messages of DefaultOptimWrapperConstructor.add_params.

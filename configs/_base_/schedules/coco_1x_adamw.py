@@ -10,7 +10,7 @@ test_cfg = dict(type='TestLoop')
 optim_wrapper = dict(
     type='OptimWrapper',
     constructor='AdapterOptimWrapperConstructor',
-    # FlatAdamW: torch's fused AdamW arithmetic, one launch per parameter group
+    # FlatAdamW: torch's fused AdamW arithmetic, one launch per flat buffer
     # (mm_spectral.FlatAdamW; merged configs get torch's AdamW back).
     optimizer=dict(type='FlatAdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg={{_base_.adapter_paramwise_cfg}})
