@@ -37,11 +37,13 @@ def _flattenable(params: list[Tensor], previous: frozenset[int] = frozenset()) -
     """The plain, trainable, contiguous real tensors of ``params`` on the first one's
     device with its dtype that are the whole of their storage, or live in one of the
     ``previous`` buffers (their storages' addresses). A tensor that shares its storage
-    otherwise (FSDP's views into its flat parameters, another FlatAdamW's buffer) stays."""
+    otherwise (another FlatAdamW's buffer), an FSDP-managed parameter (whose ``.data``
+    FSDP sets itself, empty on ranks that hold none of it) or an empty one stays."""
     plain = [
         p for p in params
         if type(p) is nn.Parameter and p.requires_grad and p.layout == torch.strided
-        and p.is_floating_point() and p.is_contiguous()
+        and p.is_floating_point() and p.is_contiguous() and p.numel() > 0
+        and not getattr(p, "_fsdp_flattened", False)  # FSDP manages its .data
     ]  # fmt: skip
     if not plain:
         return []
@@ -147,10 +149,10 @@ class _Packed:
 def _runs(members: list[Tensor], cap_bytes: int) -> list[list[Tensor]]:
     """``members`` in consecutive runs of at most ``cap_bytes`` (a larger tensor alone)."""
     runs: list[list[Tensor]] = []
-    size = cap_bytes
+    size = 0
     for p in members:
         nbytes = p.numel() * p.element_size()
-        if size + nbytes > cap_bytes:
+        if not runs or size + nbytes > cap_bytes:
             runs.append([])
             size = 0
         runs[-1].append(p)

@@ -183,9 +183,13 @@ def test_tensors_that_cannot_move_step_per_tensor():
     for model in (ours, theirs):
         model[0].weight.data = model[0].weight.data.t().contiguous().t()  # not contiguous
         model[3].bias.requires_grad_(False)
+        model.register_parameter("empty", nn.Parameter(torch.zeros(0, device=DEVICE)))
+    ours[2].bias._fsdp_flattened = True  # as FSDP marks the parameters it manages
     opt = FlatAdamW(ours.parameters(), lr=1e-2)
     ref = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
     assert not ours[0].weight.is_contiguous()
+    loose = {id(p) for p in opt._flat[0].loose}
+    assert {id(ours[0].weight), id(ours[2].bias), id(ours.empty)} <= loose
     _train(ours, opt, range(4))
     _train(theirs, ref, range(4))
     _assert_same(ours, opt, theirs, ref)
