@@ -212,6 +212,19 @@ class FlatAdamW(torch.optim.AdamW):
         if not hasattr(self, "_flat"):  # unpickled: packed at the first step
             self._flat = {}
 
+    def layout(self) -> str:
+        """'B flat buffers (T tensors), L per tensor': how the next step will run."""
+        buffers = tensors = loose = 0
+        for index, group in enumerate(self.param_groups):
+            packed = self._flat.get(index)
+            if packed is None:
+                loose += len(group["params"])
+                continue
+            buffers += len(packed.buffers)
+            tensors += sum(len(b.members) for b in packed.buffers)
+            loose += len(packed.loose)
+        return f"{buffers} flat buffers ({tensors} tensors), {loose} per tensor"
+
     def step(self, closure: Any = None) -> Any:
         """One AdamW step over every group (``closure`` as in torch's optimizers)."""
         self._accelerator_graph_capture_health_check()

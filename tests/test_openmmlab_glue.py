@@ -367,7 +367,7 @@ def test_flat_adamw_from_a_config_steps_as_torch_adamw():
     from mm_spectral import FlatAdamW
 
     paramwise = dict(norm_decay_mult=0.0, custom_keys={"head": dict(lr_mult=2)})
-    models, wrappers = [], []
+    models, wrappers, summaries = [], [], {}
     for kind in ("FlatAdamW", "AdamW"):
         model = toy_model(trainable=[r"norm\..*"])
         optimizer = dict(type=kind, lr=1e-2, weight_decay=0.05)
@@ -379,8 +379,14 @@ def test_flat_adamw_from_a_config_steps_as_torch_adamw():
             paramwise_cfg=paramwise,
         )
         models.append(model)
-        wrappers.append(build_optim_wrapper(model, cfg))
+        with Capture() as logs:
+            wrappers.append(build_optim_wrapper(model, cfg))
+        lines = [m for m in logs.messages if m.startswith("optimizer:")]
+        assert len(lines) == 1
+        summaries[kind] = lines[0]
     flat = wrappers[0].optimizer
+    assert f"; FlatAdamW: {flat.layout()}" in summaries["FlatAdamW"]
+    assert "FlatAdamW" not in summaries["AdamW"]
     assert isinstance(flat, FlatAdamW) and len(flat.param_groups) > 1
     assert any(packed is not None for packed in flat._flat.values())
     for step in range(3):

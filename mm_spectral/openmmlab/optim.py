@@ -96,4 +96,6 @@ def summary(module: nn.Module, optimizer, settings: int = 0) -> str:
         f"optimizer: {len(params)} trainable tensors ({sum(p.numel() for p in params):,} "
         f"params) of {total:,} in {len(optimizer.param_groups)} groups; {frozen} frozen skipped"
     )
+    if isinstance(optimizer, FlatAdamW):
+        line += f"; FlatAdamW: {optimizer.layout()}"
     return line + (f"; paramwise_cfg: {settings} custom lr/decay settings" if settings else "")
