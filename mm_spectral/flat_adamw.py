@@ -146,6 +146,11 @@ class _Packed:
         return all(b.intact() for b in self.buffers)
 
 
+def _settings(group: dict[str, Any]) -> dict[str, Any]:
+    """The group's AdamW settings that both step paths pass as they are."""
+    return {key: group[key] for key in ("amsgrad", "weight_decay", "eps", "maximize")}
+
+
 def _runs(members: list[Tensor], cap_bytes: int) -> list[list[Tensor]]:
     """``members`` in consecutive runs of at most ``cap_bytes`` (a larger tensor alone)."""
     runs: list[list[Tensor]] = []
@@ -286,15 +291,12 @@ class FlatAdamW(torch.optim.AdamW):
             [flat.exp_avg_sq],
             [flat.max_exp_avg_sq] if flat.max_exp_avg_sq is not None else [],
             [flat.first_step],
-            amsgrad=group["amsgrad"],
             lr=lr,
             beta1=beta1,
             beta2=beta2,
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
             grad_scale=grad_scale,
             found_inf=found_inf,
+            **_settings(group),
         )
         if found_inf is not None:
             flat.steps.sub_(found_inf)
@@ -307,14 +309,11 @@ class FlatAdamW(torch.optim.AdamW):
         beta1, beta2 = group["betas"]
         adam(
             *lists,
-            amsgrad=group["amsgrad"],
             has_complex=has_complex,
             beta1=beta1,
             beta2=beta2,
             lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
+            **_settings(group),
             foreach=group["foreach"],
             capturable=group["capturable"],
             differentiable=group["differentiable"],
