@@ -218,7 +218,7 @@ class FlatAdamW(torch.optim.AdamW):
             self._flat = {}
 
     def layout(self) -> str:
-        """'B flat buffers (T tensors), L per tensor': how the next step will run."""
+        """'T tensors in B flat buffers, L per tensor': how the next step will run."""
         buffers = tensors = loose = 0
         for index, group in enumerate(self.param_groups):
             packed = self._flat.get(index)
@@ -228,7 +228,8 @@ class FlatAdamW(torch.optim.AdamW):
             buffers += len(packed.buffers)
             tensors += sum(len(b.members) for b in packed.buffers)
             loose += len(packed.loose)
-        return f"{buffers} flat buffers ({tensors} tensors), {loose} per tensor"
+        plural = "" if buffers == 1 else "s"
+        return f"{tensors} tensors in {buffers} flat buffer{plural}, {loose} per tensor"
 
     def step(self, closure: Any = None) -> Any:
         """One AdamW step over every group (``closure`` as in torch's optimizers)."""

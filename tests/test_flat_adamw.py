@@ -100,7 +100,7 @@ def _count_launches(monkeypatch) -> list[int]:
 def test_one_fused_launch_per_group(monkeypatch):
     ours, opt, _, _ = _pair()
     calls = _count_launches(monkeypatch)
-    assert opt.layout() == "2 flat buffers (6 tensors), 0 per tensor"
+    assert opt.layout() == "6 tensors in 2 flat buffers, 0 per tensor"
     _train(ours, opt, range(2))
     assert calls == [1, 1, 1, 1]  # two groups, two steps, one flat tensor each
     buffers = {p.untyped_storage().data_ptr() for p in opt.param_groups[0]["params"]}
