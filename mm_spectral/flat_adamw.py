@@ -124,13 +124,14 @@ class _FlatGroup:
         saved-tensor checks and the adapters' build stashes read."""
         _set_versions(self.members, [p._version + 1 for p in self.members])
 
-    def has_gradients(self) -> bool:
-        return all(p.grad is not None for p in self.members)
-
-    def gradients(self) -> Tensor:
-        """All members' gradients laid out as the buffer (one ``cat``, gaps zero): a
-        transient of at most ``BUFFER_BYTES`` while the step runs."""
+    def grads(self) -> list[Tensor] | None:
+        """The members' gradients, or None if one has none."""
         grads = [p.grad for p in self.members]
+        return None if any(g is None for g in grads) else grads
+
+    def gradients(self, grads: list[Tensor]) -> Tensor:
+        """The members' ``grads`` laid out as the buffer (one ``cat``, gaps zero): a
+        transient of at most ``BUFFER_BYTES`` while the step runs."""
         padded = [t for pair in zip(grads[self.unpadded :], self.gaps) for t in pair]
         return torch._C._nn.flatten_dense_tensors(grads[: self.unpadded] + padded)
 
@@ -241,7 +242,8 @@ class FlatAdamW(torch.optim.AdamW):
         with torch.no_grad():
             for index, group in enumerate(self.param_groups):
                 packed = self._packed(index, group)
-                if not self._flat_ready(packed):
+                grads = self._flat_grads(packed)
+                if grads is None:
                     self._step_tensors(group, group["params"])
                     for flat in packed.buffers if packed is not None else ():
                         had = [p.grad is not None for p in flat.members]
@@ -249,16 +251,17 @@ class FlatAdamW(torch.optim.AdamW):
                     continue
                 if packed.loose:
                     self._step_tensors(group, packed.loose)
-                for flat in packed.buffers:  # one buffer's gradients at a time
-                    self._step_flat(group, flat, flat.gradients())
+                for flat, buffer_grads in zip(packed.buffers, grads):  # one buffer at a time
+                    self._step_flat(group, flat, flat.gradients(buffer_grads))
         return loss
 
-    def _flat_ready(self, packed: _Packed | None) -> bool:
-        """Whether the group can take the flat path: packed, every member with a gradient,
-        each buffer's step counts equal."""
+    def _flat_grads(self, packed: _Packed | None) -> list[list[Tensor]] | None:
+        """Each buffer's members' gradients where the group can take the flat path (packed,
+        every member with a gradient, each buffer's step counts equal), else None."""
         if packed is None or not all([self._uniform(flat) for flat in packed.buffers]):
-            return False
-        return all(flat.has_gradients() for flat in packed.buffers)
+            return None
+        grads = [flat.grads() for flat in packed.buffers]
+        return None if any(g is None for g in grads) else grads
 
     # -- the flat path --------------------------------------------------------------------
 
