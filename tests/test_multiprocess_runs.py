@@ -217,16 +217,20 @@ def test_cpu_wrappers_stay_on_the_cpu(monkeypatch):
     )
 
 
-def test_finish_distributed_tears_the_group_down(tmp_path):
+def test_finish_distributed_tears_the_group_down(tmp_path, monkeypatch):
     """The entry points end a run with ``finish_distributed``: the group is gone after it
     (gloo's threads joined before interpreter exit, which could abort a rank that had
     succeeded), and a second call, or one outside any group, does nothing."""
+    monkeypatch.setattr(distributed, "_closed_group", False)  # restored after the test
+    finish_distributed()
+    assert not distributed._closed_group  # no group: leave_if_distributed returns
     store = f"file://{tmp_path / 'store'}"
     torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     try:
         assert torch.distributed.is_initialized()
         finish_distributed()
         assert not torch.distributed.is_initialized()
+        assert distributed._closed_group  # the entry points will leave through os._exit
         finish_distributed()
     finally:
         if torch.distributed.is_initialized():
@@ -260,3 +264,47 @@ def test_fsdp_benchmark_smoke_run_needs_only_torch_and_timm(tmp_path):
     assert "images/s: " in out
     for rank in (0, 1):
         assert f"rank {rank}: peak rss " in out
+
+
+def _run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_finished_rank_leaves_after_flushing_and_atexit(tmp_path):
+    """leave_if_distributed: nothing outside a closed group; after one, the atexit
+    callbacks run, the streams and the log file are flushed, and the exit code is kept."""
+    code = """
+import atexit, logging, sys
+from mm_spectral.openmmlab import distributed
+logging.basicConfig(filename=sys.argv[1])
+distributed.leave_if_distributed(5)
+print('still here', end='')
+atexit.register(lambda: print(' | atexit ran', end=''))
+logging.getLogger('t').warning('logged')
+distributed._closed_group = True
+distributed.leave_if_distributed(3)
+print('not reached')
+"""
+    log = tmp_path / "run.log"
+    done = _run_python(code, str(log))
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert done.stdout == "still here | atexit ran"
+    assert "logged" in log.read_text()
+
+
+def test_a_rank_killed_by_a_signal_prints_its_python_stack():
+    """report_crashes: SIGABRT (as the gloo teardown abort) prints the Python stack."""
+    code = """
+import os
+from mm_spectral.openmmlab.distributed import report_crashes
+def where_it_died():
+    os.abort()
+report_crashes()
+where_it_died()
+"""
+    done = _run_python(code)
+    assert done.returncode != 0
+    assert "Fatal Python error: Aborted" in done.stderr
+    assert "where_it_died" in done.stderr

@@ -36,6 +36,8 @@ from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
 from mm_spectral.openmmlab.distributed import (  # noqa: E402
     configure_distributed,
     finish_distributed,
+    leave_if_distributed,
+    report_crashes,
 )
 from mm_spectral.state import adapted_layers, load_checkpoint_file  # noqa: E402
 
@@ -139,4 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    report_crashes()  # a rank killed by a signal prints its Python stacks
     main()
+    leave_if_distributed()  # skips interpreter teardown once the group is closed

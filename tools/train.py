@@ -31,6 +31,8 @@ from mm_spectral.openmmlab.checkpoint import CheckpointMismatch, checkpoint_kind
 from mm_spectral.openmmlab.distributed import (  # noqa: E402
     configure_distributed,
     finish_distributed,
+    leave_if_distributed,
+    report_crashes,
 )
 from mm_spectral.state import load_checkpoint_file  # noqa: E402
 
@@ -205,4 +207,6 @@ def main(argv: list[str] | None = None) -> Runner:
 
 
 if __name__ == "__main__":
+    report_crashes()  # a rank killed by a signal prints its Python stacks
     main()
+    leave_if_distributed()  # skips interpreter teardown once the group is closed
