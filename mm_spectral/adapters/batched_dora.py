@@ -20,11 +20,12 @@ from torch import Tensor
 
 from .batched_tucker import _float32s, native_builds
 from .functional import _as, outside_autocast, scaled_mm
+from .packed_weights import stacked
 
 
 def _stacked(weights: Sequence[Tensor]) -> Tensor:
-    """(L, out, in) float32: the base weights W0_ℓ."""
-    return _as(torch.stack(tuple(weights)), torch.float32)
+    """(L, out, in) float32: the base weights W0_ℓ (a view where the plan packed them)."""
+    return _as(stacked(weights), torch.float32)
 
 
 class _BatchedRescaledWeight(torch.autograd.Function):

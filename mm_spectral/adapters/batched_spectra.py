@@ -54,6 +54,7 @@ from .fourierft import FourierFT
 from .functional import outside_autocast, scaled_mm
 from .layer_walk import ADAPTED, SHARDED, adapted_layer_walk, role
 from .lora import LoRA
+from .packed_weights import pack_back_to_back
 from .stash import WHOLE_DELTA, stash_all, stash_builder
 
 
@@ -537,6 +538,8 @@ def plan_batched_spectra(
         for chunk in chunks(members, max_chunk_bytes):
             if len(chunk) < 2:
                 continue  # a layer alone builds itself
+            if kind == "DoRA-linear":  # the build then reads the chunk's W0 as one view
+                pack_back_to_back([adapter.__dict__[_BASE] for adapter in chunk])
             build = functools.partial(_build, kind, chunk, cache)
             for adapter in chunk:
                 stash_builder(adapter, build)

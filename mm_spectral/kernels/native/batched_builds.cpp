@@ -18,8 +18,8 @@ Tensor scaled_bmm(const Tensor& a, const Tensor& b, double scale) {
 }
 
 // Each layer's slice of a (L, ...) gradient, appended to `grads` in layer order.
-void append_layers(variable_list& grads, const Tensor& stacked) {
-  for (const Tensor& layer : stacked.unbind(0)) {
+void append_layers(variable_list& grads, const Tensor& batch) {
+  for (const Tensor& layer : batch.unbind(0)) {
     grads.push_back(layer);
   }
 }
@@ -107,7 +107,7 @@ struct BatchedRescaledWeight : public torch::autograd::Function<BatchedRescaledW
   static Tensor forward(AutogradContext* ctx, at::TensorList weights, at::TensorList ups,
                         at::TensorList downs, at::TensorList magnitudes, double scale) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const Tensor base = as_dtype(at::stack(weights), at::kFloat);
+    const Tensor base = as_dtype(stacked(weights), at::kFloat);  // a view if packed
     const Tensor up = at::stack(ups);
     const Tensor down = at::stack(downs);
     Tensor summed = at::baddbmm(base, up, down, 1.0, scale);
@@ -135,7 +135,7 @@ struct BatchedRescaledWeight : public torch::autograd::Function<BatchedRescaledW
     // A cast gradient is our own to scale in place; autograd's float32 one is not.
     const bool cast = grad.scalar_type() != at::kFloat;
     const Tensor g = cast ? grad.to(at::kFloat) : grad;
-    Tensor summed = at::baddbmm(as_dtype(at::stack(weights), at::kFloat), up, down, 1.0, s);
+    Tensor summed = at::baddbmm(as_dtype(stacked(weights), at::kFloat), up, down, 1.0, s);
     const Tensor grad_m = summed.mul_(g).sum(2).div_(norm);
     const Tensor g_sum = cast ? g.mul_(channel.unsqueeze(2)) : g * channel.unsqueeze(2);
     const int64_t layers = up.size(0);

@@ -19,6 +19,27 @@ inline Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
+// at::stack(ts), as a view where they lie back to back in one storage (the plan packs
+// DoRA's frozen weights so: mm_spectral/adapters/packed_weights.py), with no copy.
+inline Tensor stacked(at::TensorList ts) {
+  const Tensor& first = ts[0];
+  const int64_t size = first.numel();
+  bool adjacent = first.is_contiguous();
+  for (size_t i = 1; adjacent && i < ts.size(); ++i) {
+    const Tensor& t = ts[i];
+    adjacent = t.sizes() == first.sizes() && t.scalar_type() == first.scalar_type() &&
+               t.device() == first.device() && t.is_contiguous() &&
+               t.storage().is_alias_of(first.storage()) &&
+               t.storage_offset() == first.storage_offset() + static_cast<int64_t>(i) * size;
+  }
+  if (!adjacent) return at::stack(ts);
+  std::vector<int64_t> sizes{static_cast<int64_t>(ts.size())};
+  std::vector<int64_t> strides{size};
+  sizes.insert(sizes.end(), first.sizes().begin(), first.sizes().end());
+  strides.insert(strides.end(), first.strides().begin(), first.strides().end());
+  return first.as_strided(sizes, strides);
+}
+
 // a + alpha · b, computed in the wider of their dtypes and stored as `dtype` (with a's
 // memory format): one kernel where a sum and a cast would be two (the cast happens on store).
 inline Tensor add_as(const Tensor& a, const Tensor& b, double alpha, at::ScalarType dtype) {
