@@ -217,24 +217,21 @@ def test_cpu_wrappers_stay_on_the_cpu(monkeypatch):
     )
 
 
-def test_finish_distributed_tears_the_group_down(tmp_path, monkeypatch):
-    """The entry points end a run with ``finish_distributed``: the group is gone after it
-    (gloo's threads joined before interpreter exit, which could abort a rank that had
-    succeeded), and a second call, or one outside any group, does nothing."""
-    monkeypatch.setattr(distributed, "_closed_group", False)  # restored after the test
+def test_finish_distributed_waits_and_leaves_gloo_to_the_exit(tmp_path, monkeypatch):
+    """The entry points end a run with ``finish_distributed``: outside a group it does
+    nothing; in a gloo group it waits for every rank and keeps the group (its teardown
+    beside the peers' could abort a rank), so that ``leave_if_distributed`` exits."""
+    monkeypatch.setattr(distributed, "_finished_group", False)  # restored after the test
     finish_distributed()
-    assert not distributed._closed_group  # no group: leave_if_distributed returns
+    assert not distributed._finished_group  # no group: leave_if_distributed returns
+    distributed.leave_if_distributed()
     store = f"file://{tmp_path / 'store'}"
     torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     try:
-        assert torch.distributed.is_initialized()
         finish_distributed()
-        assert not torch.distributed.is_initialized()
-        assert distributed._closed_group  # the entry points will leave through os._exit
-        finish_distributed()
+        assert torch.distributed.is_initialized() and distributed._finished_group
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 BLOCK_OPENMMLAB = """
@@ -273,7 +270,7 @@ def _run_python(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_finished_rank_leaves_after_flushing_and_atexit(tmp_path):
-    """leave_if_distributed: nothing outside a closed group; after one, the atexit
+    """leave_if_distributed: nothing outside a finished group; after one, the atexit
     callbacks run, the streams and the log file are flushed, and the exit code is kept."""
     code = """
 import atexit, logging, sys
@@ -283,7 +280,7 @@ distributed.leave_if_distributed(5)
 print('still here', end='')
 atexit.register(lambda: print(' | atexit ran', end=''))
 logging.getLogger('t').warning('logged')
-distributed._closed_group = True
+distributed._finished_group = True
 distributed.leave_if_distributed(3)
 print('not reached')
 """
@@ -298,7 +295,7 @@ def test_a_rank_killed_by_a_signal_prints_its_python_stack():
     """report_crashes: SIGABRT (as the gloo teardown abort) prints the Python stack."""
     code = """
 import os
-from mm_spectral.openmmlab.distributed import report_crashes
+from mm_spectral.distributed.process_exit import report_crashes
 def where_it_died():
     os.abort()
 report_crashes()

@@ -45,6 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from mm_spectral.distributed import frozen_apart_wrap_policy  # noqa: E402  (torch only)
+from mm_spectral.distributed.process_exit import (  # noqa: E402
+    finish_process_group,
+    leave_process,
+    report_crashes,
+)
 
 BACKBONES = ROOT / "mm_spectral" / "openmmlab" / "backbones"
 MODEL_CONFIG = ROOT / "configs" / "_base_" / "models" / "upernet_internvit-6b.py"
@@ -262,9 +267,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"rank {s['rank']}: peak {memory}; loss {s['loss'][0]:.4f} -> {s['loss'][-1]:.4f}"
             )
         result = dict(images_s=images_s, ranks=gathered, parameters=int(total.item()))
-    dist.destroy_process_group()
+    finish_process_group()  # a gloo group is left to leave_process (see process_exit)
     return result
 
 
 if __name__ == "__main__":
+    report_crashes()  # a rank killed by a signal prints its Python stacks
     main()
+    if dist.is_initialized():
+        leave_process()

@@ -19,15 +19,10 @@ MMEngine 0.10.7's ``FSDPStrategy`` is fixed to resume its optimizer state on tor
 
 from __future__ import annotations
 
-import atexit
 import datetime
-import faulthandler
-import logging
 import os
-import sys
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from mmengine._strategy import FSDPStrategy
 from mmengine.device import get_device
@@ -36,6 +31,11 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import frozen_apart_wrap_policy
+from ..distributed.process_exit import (  # report_crashes: for the entry points
+    finish_process_group,
+    leave_process,
+    report_crashes,  # noqa: F401
+)
 
 BACKEND_ENV = "MM_SPECTRAL_DIST_BACKEND"
 
@@ -85,48 +85,24 @@ def configure_distributed(cfg: Any) -> None:
         dist.init_process_group(backend=backend, **kwargs)
 
 
-_closed_group = False  # finish_distributed closed this process's group
+_finished_group = False  # finish_distributed ran in a process group
 
 
 def finish_distributed() -> None:
-    """Wait for every rank, then tear the process group down; a no-op outside one.
-
-    Left to interpreter exit, the teardown can abort a gloo rank after a run that
-    succeeded ("terminate called without an active exception", SIGABRT: 4 of 20 resumed
-    2-rank FSDP runs here), and torchrun then reports the run as failed."""
-    global _closed_group
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_backend() == "nccl":  # the rank's own GPU (MMEngine set it), not a guess
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()
-    dist.destroy_process_group()
-    _closed_group = True
-
-
-def report_crashes() -> None:
-    """Print every thread's Python stack if the process dies of a signal (SIGSEGV,
-    SIGABRT, ...): torchrun alone says only "Signal 6 received by PID ..."."""
-    if not faulthandler.is_enabled():
-        faulthandler.enable(all_threads=True)
+    """Wait for every rank and close an NCCL group; a gloo group is left for
+    :func:`leave_if_distributed` (:mod:`mm_spectral.distributed.process_exit`: tearing
+    gloo down beside the peers' teardown could abort a rank whose run had succeeded). A
+    no-op outside a process group."""
+    global _finished_group
+    _finished_group = finish_process_group() or _finished_group
 
 
 def leave_if_distributed(code: int = 0) -> None:
-    """End a rank whose process group :func:`finish_distributed` closed: run the
-    ``atexit`` callbacks, flush logs and streams, then ``os._exit(code)``; else return.
-
-    A finished rank then skips the interpreter's teardown, where C++ objects (gloo's,
-    Triton's, the extensions') are destroyed in no fixed order. Even with the group
-    closed first, a gloo rank was once lost to SIGABRT ("terminate called without an
-    active exception") after saving its last checkpoint; where it struck is not known."""
-    if not _closed_group:
-        return
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    """End a rank that :func:`finish_distributed` finished: ``atexit`` callbacks, flushed
+    logs, then ``os._exit(code)`` (:func:`~mm_spectral.distributed.process_exit.leave_process`);
+    else return."""
+    if _finished_group:
+        leave_process(code)
 
 
 def _keep_wrappers_on_cpu(cfg: Any) -> None:
