@@ -22,31 +22,39 @@ _PACKED = "_mm_spectral_packed_storage"  # on a packed weight: its buffer's stor
 
 
 def back_to_back(tensors: Sequence[Tensor]) -> bool:
-    """Whether ``tensors`` (≥ 1, contiguous, of one shape, dtype and device) follow each
-    other in one storage, so that they are one (L, ...) tensor's rows."""
+    """Whether ``tensors`` (≥ 1, contiguous, non-empty, of one shape and dtype) follow each
+    other in the first one's storage, so that they are one (L, ...) tensor's rows.
+
+    Checked by address within that storage, about 1 µs per tensor: memory lying inside it
+    belongs to it (storages never overlap). The plan and the builds check every chunk each
+    step."""
     first = tensors[0]
-    if not first.is_contiguous():
+    if first.numel() == 0 or not first.is_contiguous():
         return False
-    size, storage = first.numel(), first.untyped_storage().data_ptr()
-    for i, t in enumerate(tensors[1:], start=1):
-        if (
-            t.shape != first.shape
-            or t.dtype != first.dtype
-            or t.device != first.device
-            or not t.is_contiguous()
-            or t.untyped_storage().data_ptr() != storage
-            or t.storage_offset() != first.storage_offset() + i * size
-        ):
+    shape, dtype = first.shape, first.dtype
+    size = first.numel() * first.element_size()
+    address = first.data_ptr()
+    storage = first.untyped_storage()
+    if storage.data_ptr() + storage.nbytes() < address + len(tensors) * size:
+        return False
+    for t in tensors[1:]:
+        address += size
+        if t.data_ptr() != address or t.shape != shape or t.dtype != dtype:
+            return False
+        if not t.is_contiguous():
             return False
     return True
 
 
+def rows_view(tensors: Sequence[Tensor]) -> Tensor:
+    """The (L, ...) tensor whose rows ``tensors`` are, for tensors :func:`back_to_back`."""
+    first = tensors[0]
+    return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
+
+
 def stacked(tensors: Sequence[Tensor]) -> Tensor:
     """``torch.stack(tensors)``, as a view where they lie back to back (no copy)."""
-    if back_to_back(tensors):
-        first = tensors[0]
-        return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
-    return torch.stack(tuple(tensors))
+    return rows_view(tensors) if back_to_back(tensors) else torch.stack(tuple(tensors))
 
 
 def _movable(weight: Tensor) -> bool:
