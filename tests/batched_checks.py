@@ -29,6 +29,20 @@ class DepthwiseStack(nn.Module):
         return self.pw(self.other(x))
 
 
+class SameShapeLinears(nn.Module):
+    """``count`` same-shape linears (one batched group) and a head of another shape."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(16, 16) for _ in range(count))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for fc in self.fc:
+            x = torch.tanh(fc(x))
+        return self.head(x)
+
+
 def assert_same_values_and_gradients(got, want, params) -> None:
     """``got`` equals ``want`` (a reference written independently), and so do their
     gradients to every tensor in ``params`` under one random probe (none all zero)."""

@@ -29,6 +29,16 @@ def _skip_config_yapf() -> None:
 
 _skip_config_yapf()
 
+
+@pytest.fixture
+def whole_deltas(monkeypatch):
+    """Low-rank linears take their whole ΔW from batched builds (as on ViT-L by default)."""
+    from mm_spectral.kernels import OPTIONS
+
+    monkeypatch.setattr(OPTIONS, "batched_linears", "on")
+    monkeypatch.setattr(OPTIONS, "rank_term", "auto")
+
+
 # (case id, layer factory, input shape). Tiny sizes, odd and even, so FFT symmetry and
 # clipping edge cases are exercised.
 LAYERS = {

@@ -62,12 +62,6 @@ def adapted_linears(method: str) -> nn.Module:
     return model
 
 
-@pytest.fixture
-def whole_deltas(monkeypatch):
-    monkeypatch.setattr(OPTIONS, "batched_linears", "on")
-    monkeypatch.setattr(OPTIONS, "rank_term", "auto")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("method", list(METHODS))

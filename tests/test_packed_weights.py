@@ -15,34 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mm_spectral
 from mm_spectral.adapters import batched_spectra, packed_weights
 from mm_spectral.adapters.packed_weights import back_to_back, pack_back_to_back, stacked
-from mm_spectral.kernels import OPTIONS, set_native_mode
+from mm_spectral.kernels import set_native_mode
 
+from batched_checks import SameShapeLinears
 from conftest import randomize_adapter
-
-
-class Blocks(nn.Module):
-    """Five same-shape linears (a batched DoRA group) and a head of another shape."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.ModuleList(nn.Linear(16, 16) for _ in range(5))
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        for fc in self.fc:
-            x = torch.tanh(fc(x))
-        return self.head(x)
-
-
-@pytest.fixture
-def whole_deltas(monkeypatch):
-    monkeypatch.setattr(OPTIONS, "batched_linears", "on")
-    monkeypatch.setattr(OPTIONS, "rank_term", "auto")
 
 
 def dora_blocks() -> nn.Module:
     torch.manual_seed(0)
-    model = Blocks()
+    model = SameShapeLinears(5)
     mm_spectral.inject(model, dict(type="DoRA", rank=3, alpha=6, targets=[r"fc\.\d"]))
     for _, layer in mm_spectral.adapted_layers(model):
         randomize_adapter(layer.adapter)
@@ -123,7 +104,7 @@ def test_packed_bases_give_the_same_values_and_gradients(native, whole_deltas, m
 
 
 def test_a_load_writes_into_the_packed_buffer(whole_deltas):
-    model, fresh = dora_blocks(), Blocks()
+    model, fresh = dora_blocks(), SameShapeLinears(5)
     mm_spectral.inject(fresh, dict(type="DoRA", rank=3, alpha=6, targets=[r"fc\.\d"]))
     mm_spectral.enable_batched_spectra(model)
     x = torch.randn(2, 7, 16)

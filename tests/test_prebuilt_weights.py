@@ -16,8 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mm_spectral
 from mm_spectral.adapters import batched_spectra, prebuilt_weights
 from mm_spectral.adapters.prebuilt_weights import Prebuilt, prebuilt_or_own
-from mm_spectral.kernels import OPTIONS, set_native_mode
+from mm_spectral.kernels import set_native_mode
 
+from batched_checks import SameShapeLinears
 from conftest import randomize_adapter
 
 METHODS = {
@@ -26,26 +27,6 @@ METHODS = {
     "FoRA": dict(type="FoRA", rank=4, n=20, scale=2.0, seed=1),
     "DoRA": dict(type="DoRA", rank=3, alpha=6),
 }
-
-
-class Blocks(nn.Module):
-    """Four same-shape linears (one chunk) and a head of another shape."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        for fc in self.fc:
-            x = torch.tanh(fc(x))
-        return self.head(x)
-
-
-@pytest.fixture
-def whole_deltas(monkeypatch):
-    monkeypatch.setattr(OPTIONS, "batched_linears", "on")
-    monkeypatch.setattr(OPTIONS, "rank_term", "auto")
 
 
 class CountOps(TorchDispatchMode):
@@ -63,7 +44,7 @@ class CountOps(TorchDispatchMode):
 
 def adapted(method: str) -> nn.Module:
     torch.manual_seed(0)
-    model = Blocks()
+    model = SameShapeLinears(4)
     mm_spectral.inject(model, dict(METHODS[method], targets=[r"fc\.\d"]))
     for _, layer in mm_spectral.adapted_layers(model):
         randomize_adapter(layer.adapter)
@@ -120,7 +101,7 @@ def test_a_trainable_base_keeps_its_gradient(whole_deltas):
     step(model, x, autocast=False)
     _, grads, _ = step(model, x, autocast=False)
     assert all(f"fc.{i}.weight" in grads for i in range(4))
-    plain = Blocks()
+    plain = SameShapeLinears(4)
     plain.load_state_dict(mm_spectral.merged_state_dict(model))
     plain(x).square().sum().backward()
     for i in range(4):
