@@ -3,7 +3,9 @@ build reads them as one (L, out, in) view instead of stacking a copy every step.
 
 DoRA's batched linears (:mod:`mm_spectral.adapters.batched_dora`) need every layer's W0
 in one tensor, forward and backward: ``torch.stack`` wrote a float32 copy of each chunk's
-weights twice per step (for ViT-L's 96 linears, 1.2 GB written and read back each time).
+weights twice per step (for ViT-L's 96 linears, about 1.2 GB written and read back each
+time). The other low-rank methods' builds read them to make W0 + ΔW for the whole chunk
+(:mod:`mm_spectral.adapters.prebuilt_weights`), which needs them back to back too.
 The plan moves a chunk's frozen weights into one buffer once, through ``.data =`` (each
 parameter object stays where it is, and keeps its name, hooks and value), after which
 :func:`stacked` sees them back to back and returns a view. Weights moved elsewhere later
