@@ -100,6 +100,11 @@ def main() -> None:
         default=[str(REPO)],
         help="source trees to run in turns (default: this checkout)",
     )
+    parser.add_argument(
+        "--extensions",
+        help="root of the trees' C++ extension directories (<root>/<tree index>; default: a new "
+        "temporary one), so that builds made beforehand are reused",
+    )
     parser.add_argument("benchmark_args", nargs=argparse.REMAINDER, help="-- then its options")
     args = parser.parse_args()
     forwarded = (
@@ -109,10 +114,14 @@ def main() -> None:
         parser.error("--json is this script's own (each process writes one)")
     trees = [Path(t).resolve() for t in args.tree]
     runs: dict[str, list[list[dict]]] = {str(t): [] for t in trees}
-    scratch = Path(tempfile.mkdtemp(prefix="mm_spectral_extensions_"))
+    scratch = (
+        Path(args.extensions)
+        if args.extensions
+        else Path(tempfile.mkdtemp(prefix="mm_spectral_extensions_"))
+    )
     for index in range(args.processes):
         for number, tree in enumerate(trees):
-            extensions = scratch / str(number) if len(trees) > 1 else None
+            extensions = scratch / str(number) if len(trees) > 1 or args.extensions else None
             print(f"process {index + 1}/{args.processes}: {tree}", flush=True)
             runs[str(tree)].append(run_once(tree, forwarded, extensions))
     print(f"\n### Step time over {args.processes} processes per tree: median (min–max)\n")
