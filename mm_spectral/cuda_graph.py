@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.base import is_adapted
+from .adapters.packed_weights import pin_in_place
 
 
 class _Captured(nn.Module):
@@ -92,6 +93,9 @@ class CudaGraphForward:
         autocast = torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
         sample = x.detach().clone().requires_grad_(x.requires_grad)
+        # The graph reads the weights where they are now: a batched build's plan must not
+        # move them into one buffer afterwards (packed_weights), or replays read freed memory.
+        pin_in_place(self.module.parameters())
         # A graph cannot use autocast's weight-cast cache (it would outlive the capture).
         with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
             return torch.cuda.make_graphed_callables(

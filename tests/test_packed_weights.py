@@ -152,3 +152,28 @@ def test_only_frozen_plain_weights_with_their_own_storage_move():
     # a packed weight moves again into another order (the chunk changed)
     assert pack_back_to_back(weights[::-1]) and back_to_back(weights[::-1])
     assert weights[2].__dict__[packed_weights._PACKED] == weights[0].untyped_storage().data_ptr()
+
+
+def test_weights_a_cuda_graph_captured_stay_where_it_read_them(whole_deltas, monkeypatch):
+    """A graph captured at the first call reads W0 at its address; the plan of the second
+    call (the first to know the tokens, so the first to batch DoRA's linears) must not
+    pack them into a new buffer, which would free that memory under the graph's replays.
+    The capture is stood in for on the CPU; its twin without a graph is packed."""
+    from mm_spectral.cuda_graph import CudaGraphForward
+
+    captured = []
+    monkeypatch.setattr(
+        torch.cuda, "make_graphed_callables", lambda module, args, **_: captured.append(module)
+    )
+    x = torch.randn(2, 7, 16)
+    graphed, plain = dora_blocks(), dora_blocks()
+    for model in (graphed, plain):
+        mm_spectral.enable_batched_spectra(model)
+    CudaGraphForward(graphed)._capture(x)
+    assert len(captured) == 1
+    addresses = [w.data_ptr() for w in bases(graphed)]
+    for model in (graphed, plain):
+        step(model, x), step(model, x)
+    assert [w.data_ptr() for w in bases(graphed)] == addresses
+    assert not back_to_back(bases(graphed)) and back_to_back(bases(plain))
+    torch.testing.assert_close(step(graphed, x)[0], step(plain, x)[0], rtol=1e-6, atol=1e-6)

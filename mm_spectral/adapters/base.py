@@ -19,7 +19,6 @@ from ..kernels.dispatch import batched_delta_linear
 from ..kernels.native import native_ops
 from .bias_cast import compute_bias
 from .functional import delta_linear, low_rank_linear, outside_autocast, planned_delta_linear
-from .prebuilt_weights import prebuilt_or_own
 from .stash import TOKENS, WHOLE_DELTA, take_stash, take_stash_eagerly
 
 ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -277,9 +276,9 @@ class LowRankAdapter(BaseAdapter):
         if not self.factored:
             return super().forward(x, layer)
         if self.spec.kind == "linear":
-            delta = self.planned_delta(x)  # the whole ΔW (or W0 + ΔW), from a batched build
+            delta = self.planned_delta(x)  # the whole ΔW, from a batched build
             if delta is not None:
-                return prebuilt_or_own(x, layer, delta, planned_delta_linear)
+                return planned_delta_linear(x, layer, delta)
         return self.factored_forward(x, layer, layer.bias)
 
     def factored_forward(self, x: Tensor, layer: nn.Module, bias: Tensor | None) -> Tensor:

@@ -55,7 +55,6 @@ from .functional import outside_autocast, scaled_mm
 from .layer_walk import ADAPTED, SHARDED, adapted_layer_walk, role
 from .lora import LoRA
 from .packed_weights import pack_back_to_back
-from .prebuilt_weights import prebuilt_casts, prebuilt_sums
 from .stash import WHOLE_DELTA, stash_all, stash_builder
 
 
@@ -264,11 +263,7 @@ def batched_low_rank_deltas(adapters: Sequence[LoRA]) -> list[Tensor]:
     return list(batched_low_rank_products(ups, downs, adapters[0].scale).unbind(0))
 
 
-# A linear's frozen W0 that its batched build reads (DoRA's W', the others' W0 + ΔW), set
-# by the plan (_groups); None where W0 trains.
-_BASE = "_batched_base_weight"
-# Kinds whose linears step as W0 + ΔW: their builds also make W0 + ΔW (prebuilt_weights).
-_ADDITIVE_WHOLE = ("low-rank", "FLoRA-linear-delta", "FoRA-delta")
+_BASE = "_batched_base_weight"  # a DoRA linear's W0, set by the plan (_groups) for its build
 
 
 def batched_dora_weights(adapters: Sequence[DoRA]) -> list[Tensor]:
@@ -410,10 +405,6 @@ def _groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
                 adapter.__dict__[WHOLE_DELTA] = False
                 continue
             adapter.__dict__[_BASE] = weight
-        elif key is not None and key[0] in _ADDITIVE_WHOLE and adapter.spec.kind == "linear":
-            weight = layer._parameters.get("weight")  # its build sums W0 + ΔW if frozen
-            frozen = weight is not None and not weight.requires_grad
-            adapter.__dict__[_BASE] = weight if frozen else None
         if key is not None:
             found.append((key, adapter))
     # The stack visits layers last-first: back in module order, a shared layer at its first
@@ -469,13 +460,11 @@ def _build(kind: str, members: Sequence[nn.Module], cache: SlotCache | None) -> 
     elif kind == "low-rank":
         results = batched_low_rank_deltas(members)
     elif kind == "DoRA-linear":
-        results = prebuilt_casts(batched_dora_weights(members))
+        results = batched_dora_weights(members)
     elif kind == "FoRA-delta":
         results = batched_fora_deltas(members, cache)
     else:
         results = batched_fora_factors(members, cache)
-    if kind in _ADDITIVE_WHOLE and members[0].spec.kind == "linear":
-        results = prebuilt_sums([m.__dict__.pop(_BASE, None) for m in members], results)
     stash_all(members, results)
 
 
@@ -549,9 +538,8 @@ def plan_batched_spectra(
         for chunk in chunks(members, max_chunk_bytes):
             if len(chunk) < 2:
                 continue  # a layer alone builds itself
-            bases = [adapter.__dict__.get(_BASE) for adapter in chunk]
-            if all(base is not None for base in bases):  # linears whose build reads W0:
-                pack_back_to_back(bases)  # as one view (DoRA's W', the others' W0 + ΔW)
+            if kind == "DoRA-linear":  # the build then reads the chunk's W0 as one view
+                pack_back_to_back([adapter.__dict__[_BASE] for adapter in chunk])
             build = functools.partial(_build, kind, chunk, cache)
             for adapter in chunk:
                 stash_builder(adapter, build)

@@ -22,7 +22,6 @@ from .functional import (
     rescaled_weight_linear,
 )
 from .lora import LoRA
-from .prebuilt_weights import prebuilt_or_own
 
 
 def channel_norm(weight: Tensor) -> Tensor:
@@ -199,9 +198,9 @@ class DoRA(LoRA):
             scale = self._scale(channel_norm(direction.detach()))
             return layer_op(layer, x, direction * _per_row(scale, layer.weight), layer.bias)
         if self.spec.kind == "linear":
-            rescaled = self.planned_delta(x)  # W' itself (or cast), from a batched build
+            rescaled = self.planned_delta(x)  # W' itself, from a batched build
             if rescaled is not None:
-                return prebuilt_or_own(x, layer, rescaled, planned_weight_linear)
+                return planned_weight_linear(x, layer, rescaled)
         down, up, s = self.low_rank_factors()
         if self.spec.kind == "linear" and rescale_in_weight(x, layer.weight, up):
             # The rescale in the weight: its norms from the summed weight itself.

@@ -443,22 +443,6 @@ class WeightLinear(torch.autograd.Function):
         return _saved_linear_grads(ctx, grad_out, *ctx.needs_input_grad)
 
 
-class PrebuiltLinear(torch.autograd.Function):
-    """y = x Wᵀ + b for a weight a batched build made in the compute dtype (no gradient);
-    gᵀx goes to ``route``, the build's output W was made from, in route's dtype (as
-    :class:`DeltaLinear` gives ΔW's)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, route):  # type: ignore[override]
-        return _saved_linear(ctx, x, weight, bias, route.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        need_x, _, need_b, need_route = ctx.needs_input_grad
-        grad_x, grad_route, grad_b = _saved_linear_grads(ctx, grad_out, need_x, need_route, need_b)
-        return grad_x, None, grad_b, grad_route
-
-
 def eager_native(x: Tensor, weight: Tensor, up: Tensor) -> Any:
     """The C++ module (:mod:`mm_spectral.kernels.native`) where this step should use it:
     eager, built, and not a step for the fused kernels; else None."""
@@ -570,17 +554,6 @@ def planned_weight_linear(x: Tensor, layer: nn.Module, weight: Tensor) -> Tensor
     if native is not None:
         return native.weight_linear(x, weight, compute_bias(bias, x))
     return WeightLinear.apply(x, weight, bias)
-
-
-def planned_prebuilt_linear(x: Tensor, layer: nn.Module, weight: Tensor, route: Tensor) -> Tensor:
-    """y = x Wᵀ + b for the compute-dtype weight ``weight`` a batched build made for linear
-    ``layer`` (gᵀx to ``route``), b the layer's bias; eager steps only, as
-    :func:`planned_delta_linear`."""
-    bias = _layer_bias(layer)
-    native = native_ops()
-    if native is not None:
-        return native.prebuilt_linear(x, weight, compute_bias(bias, x), route)
-    return PrebuiltLinear.apply(x, weight, bias, route)
 
 
 def delta_linear(x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor) -> Tensor:

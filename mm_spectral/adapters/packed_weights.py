@@ -4,59 +4,51 @@ build reads them as one (L, out, in) view instead of stacking a copy every step.
 DoRA's batched linears (:mod:`mm_spectral.adapters.batched_dora`) need every layer's W0
 in one tensor, forward and backward: ``torch.stack`` wrote a float32 copy of each chunk's
 weights twice per step (for ViT-L's 96 linears, about 1.2 GB written and read back each
-time). The other low-rank methods' builds read them to make W0 + ΔW for the whole chunk
-(:mod:`mm_spectral.adapters.prebuilt_weights`), which needs them back to back too.
-The plan moves a chunk's frozen weights into one buffer once, through ``.data =`` (each
+time). The plan moves a chunk's frozen weights into one buffer once, through ``.data =`` (each
 parameter object stays where it is, and keeps its name, hooks and value), after which
 :func:`stacked` sees them back to back and returns a view. Weights moved elsewhere later
 (``model.to()``, ``cast_frozen``) are simply stacked again, and packed anew at the next
-plan.
+plan. Weights a CUDA graph has captured are pinned (:func:`pin_in_place`) and never move:
+its replays read them at the addresses of the capture.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 _PACKED = "_mm_spectral_packed_storage"  # on a packed weight: its buffer's storage pointer
+_PINNED = "_mm_spectral_pinned"  # on a weight that must keep its address (a graph reads it)
 
 
 def back_to_back(tensors: Sequence[Tensor]) -> bool:
-    """Whether ``tensors`` (≥ 1, contiguous, non-empty, of one shape and dtype) follow each
-    other in the first one's storage, so that they are one (L, ...) tensor's rows.
-
-    Checked by address within that storage, about 1 µs per tensor: memory lying inside it
-    belongs to it (storages never overlap). The plan and the builds check every chunk each
-    step."""
+    """Whether ``tensors`` (≥ 1, contiguous, of one shape, dtype and device) follow each
+    other in one storage, so that they are one (L, ...) tensor's rows."""
     first = tensors[0]
-    if first.numel() == 0 or not first.is_contiguous():
+    if not first.is_contiguous():
         return False
-    shape, dtype = first.shape, first.dtype
-    size = first.numel() * first.element_size()
-    address = first.data_ptr()
-    storage = first.untyped_storage()
-    if storage.data_ptr() + storage.nbytes() < address + len(tensors) * size:
-        return False
-    for t in tensors[1:]:
-        address += size
-        if t.data_ptr() != address or t.shape != shape or t.dtype != dtype:
-            return False
-        if not t.is_contiguous():
+    size, storage = first.numel(), first.untyped_storage().data_ptr()
+    for i, t in enumerate(tensors[1:], start=1):
+        if (
+            t.shape != first.shape
+            or t.dtype != first.dtype
+            or t.device != first.device
+            or not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage
+            or t.storage_offset() != first.storage_offset() + i * size
+        ):
             return False
     return True
 
 
-def rows_view(tensors: Sequence[Tensor]) -> Tensor:
-    """The (L, ...) tensor whose rows ``tensors`` are, for tensors :func:`back_to_back`."""
-    first = tensors[0]
-    return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
-
-
 def stacked(tensors: Sequence[Tensor]) -> Tensor:
     """``torch.stack(tensors)``, as a view where they lie back to back (no copy)."""
-    return rows_view(tensors) if back_to_back(tensors) else torch.stack(tuple(tensors))
+    if back_to_back(tensors):
+        first = tensors[0]
+        return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
+    return torch.stack(tuple(tensors))
 
 
 def _movable(weight: Tensor) -> bool:
@@ -64,6 +56,8 @@ def _movable(weight: Tensor) -> bool:
     weight whose storage another tensor holds too (tied to it, or a view of something
     bigger) stays put, or the two would part."""
     if weight.requires_grad or type(weight.data) is not torch.Tensor:
+        return False
+    if weight.__dict__.get(_PINNED):
         return False
     if not weight.is_contiguous() or weight.numel() == 0:
         return False
@@ -75,6 +69,14 @@ def _movable(weight: Tensor) -> bool:
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     # the weight itself and ``storage`` here; more means another tensor shares it
     return use_count is None or use_count(storage._cdata) <= 2
+
+
+def pin_in_place(tensors: Iterable[Tensor]) -> None:
+    """Keep ``tensors`` where they are from now on: :func:`pack_back_to_back` leaves them
+    be. For the parameters of a module a CUDA graph captured, whose replays read them at
+    their present address; moving them would free that memory under the graph."""
+    for tensor in tensors:
+        tensor.__dict__[_PINNED] = True
 
 
 def _tracing_or_capturing() -> bool:

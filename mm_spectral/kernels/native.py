@@ -3,14 +3,14 @@
 An eager training step of a ViT with an adapter on every linear is bound by the host:
 issuing an op from Python costs 10–20 µs, and a Python ``autograd.Function`` adds its own
 bookkeeping on top. The sources in ``native/`` issue the same ops as the Python autograd
-functions they stand in for (the tests hold each pair equal) from C++, one C++ autograd node
-per layer: the low-rank linear of LoRA, FoRA and row blocks, DoRA's rescaled linear and
-inverse norms, FLoRA's Tucker linear and conv factors, FourierFT's / FoRA's sparse-spectrum
-inverse FFT, FourierFT's ``W + ΔW`` linear, the linear of a weight a batched build made in
-the compute dtype (``prebuilt_linear``), and the ``W + ΔW`` conv of every method that builds
-a conv's ΔW (DoRA's rescaled per channel), and the batched builds that make the whole weight
-change of a chunk of same-shape linears (LoRA's and FoRA's products, FLoRA's Tucker product,
-DoRA's rescaled change). They are compiled once per machine and torch version by
+functions they stand in for (the tests hold each pair equal) from C++, one C++ autograd
+node per layer: the low-rank linear of LoRA, FoRA and row blocks, DoRA's rescaled linear
+and inverse norms, FLoRA's Tucker linear and conv factors, FourierFT's / FoRA's
+sparse-spectrum inverse FFT, FourierFT's ``W + ΔW`` linear, and the ``W + ΔW`` conv of
+every method that builds a conv's ΔW (DoRA's rescaled per channel), and the batched
+builds that make the whole weight change of a chunk of same-shape linears (LoRA's and
+FoRA's products, FLoRA's Tucker product, DoRA's rescaled change). They are compiled once
+per machine and torch version by
 ``torch.utils.cpp_extension`` (about a minute; cached under ``TORCH_EXTENSIONS_DIR``).
 
 ``MM_SPECTRAL_NATIVE`` (or :func:`set_native_mode`) picks:

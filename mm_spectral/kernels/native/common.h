@@ -152,8 +152,6 @@ Tensor rescaled_delta_conv2d(const Tensor& x, const Tensor& weight,
 Tensor delta_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                     const Tensor& delta);
 Tensor weight_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias);
-Tensor prebuilt_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                       const Tensor& route);
 Tensor batched_product(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys,
                        double scale, bool transpose);
 Tensor batched_tucker_linear(const std::vector<Tensor>& cores,

@@ -41,9 +41,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_linear", &mm_spectral_native::weight_linear,
         "y = x Wᵀ + b for a weight built this step, cast to the compute dtype, its gradient in "
         "its own dtype, as one C++ autograd node");
-  m.def("prebuilt_linear", &mm_spectral_native::prebuilt_linear,
-        "y = x Wᵀ + b for a weight a batched build made in the compute dtype (no gradient), "
-        "gᵀx going to the build's output `route` in its dtype, as one C++ autograd node");
   m.def("batched_rescaled_weight", &mm_spectral_native::batched_rescaled_weight,
         "DoRA's W'_l = m_l ⊙ S_l / ‖S_l‖, S_l = W0_l + scale · B_l A_l, for L same-shape "
         "linears (norm without gradient), float32, as one C++ autograd node");

@@ -120,34 +120,7 @@ struct WeightLinear : public torch::autograd::Function<WeightLinear> {
   }
 };
 
-// y = x Wᵀ + b for a weight a batched build made for this step in the compute dtype
-// (`weight`, no gradient: W0 + ΔW, or DoRA's W' cast), its gradient gᵀx going to `route`,
-// the build's output it was made from, in route's dtype. The layer's own sum or cast (one
-// or two ops per layer) then happens once per chunk.
-struct PrebuiltLinear : public torch::autograd::Function<PrebuiltLinear> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
-                        const std::optional<Tensor>& bias, const Tensor& route) {
-    const auto dtype = compute_dtype(x);
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const Tensor x2 = input_rows(x, weight.size(1), dtype);
-    return saved_linear(ctx, x, x2, weight, bias, dtype, route.scalar_type());
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const bool need_route = ctx->needs_input_grad(edge_after_bias(ctx));  // x, W, [b], route
-    const auto [grad_x, grad_route, grad_b] =
-        saved_linear_grads(ctx, grad_outputs[0], ctx->needs_input_grad(0), need_route, need_route);
-    return {grad_x, Tensor(), grad_b, need_route ? grad_route : Tensor()};
-  }
-};
-
 }  // namespace
-
-Tensor prebuilt_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                       const Tensor& route) {
-  return PrebuiltLinear::apply(x, weight, bias, route);
-}
 
 Tensor weight_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   return WeightLinear::apply(x, weight, bias);
