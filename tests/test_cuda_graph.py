@@ -142,8 +142,7 @@ def test_graphed_training_with_batched_linears_matches_eager(whole_deltas):
     """DoRA's and FLoRA's same-shape linears batch their whole ΔW from the second call on
     (their tokens known), when the plan would pack DoRA's W0 into one buffer: the graph
     captured at the first call keeps reading the weights it captured. Four AdamW steps
-    under bf16 autocast equal eager training's (a moved weight failed as an illegal memory
-    access on an H100)."""
+    under bf16 autocast equal eager training's."""
     from batched_checks import SameShapeLinears
 
     for method in ("DoRA", "FLoRA"):
