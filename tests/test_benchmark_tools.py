@@ -470,3 +470,28 @@ def test_repeat_runs_fresh_processes_of_the_benchmark():
         assert number(row[5].split(" ")[0]) > 0
     assert rows["full FT"][6].startswith("1.000")
     assert number(rows["LoRA r16"][7].split(" ")[0]) > 0
+
+
+def test_repeat_keeps_each_trees_extensions_under_the_given_root(tmp_path, monkeypatch):
+    """--extensions ROOT: tree k's processes all build into ROOT/k (builds made there
+    beforehand are reused); without it, one tree uses the default directory."""
+    sys.path.insert(0, str(REPO))
+    from tools import benchmark_repeat
+
+    seen = []
+
+    def fake_run(tree, args, extensions):
+        seen.append((tree.name, extensions))
+        return [dict(backbone="b", mode="eager", variant="full FT", step_ms=1.0)]
+
+    monkeypatch.setattr(benchmark_repeat, "run_once", fake_run)
+    trees = [tmp_path / "a", tmp_path / "b"]
+    argv = ["benchmark_repeat.py", "--processes", "2", "--extensions", str(tmp_path / "ext")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--tree", *map(str, trees), "--", "--tiny"])
+    benchmark_repeat.main()
+    root = tmp_path / "ext"
+    assert seen == [("a", root / "0"), ("b", root / "1"), ("a", root / "0"), ("b", root / "1")]
+    seen.clear()
+    monkeypatch.setattr(sys, "argv", ["benchmark_repeat.py", "--processes", "1"])
+    benchmark_repeat.main()
+    assert seen == [(REPO.name, None)]
