@@ -25,6 +25,7 @@ from mmengine.model import is_model_wrapper  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from mm_spectral.distributed.process_exit import report_crashes  # noqa: E402
 from mm_spectral.openmmlab import init_toolbox  # noqa: E402  (registers; fixes torch.load)
 from mm_spectral.openmmlab.checkpoint import (  # noqa: E402
     CheckpointMismatch,
@@ -37,7 +38,6 @@ from mm_spectral.openmmlab.distributed import (  # noqa: E402
     configure_distributed,
     finish_distributed,
     leave_if_distributed,
-    report_crashes,
 )
 from mm_spectral.state import adapted_layers, load_checkpoint_file  # noqa: E402
 

@@ -26,13 +26,13 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 from mm_spectral.distributed import is_sharded_checkpoint  # noqa: E402
+from mm_spectral.distributed.process_exit import report_crashes  # noqa: E402
 from mm_spectral.openmmlab import init_toolbox  # noqa: E402  (registers; fixes torch.load)
 from mm_spectral.openmmlab.checkpoint import CheckpointMismatch, checkpoint_kind  # noqa: E402
 from mm_spectral.openmmlab.distributed import (  # noqa: E402
     configure_distributed,
     finish_distributed,
     leave_if_distributed,
-    report_crashes,
 )
 from mm_spectral.state import load_checkpoint_file  # noqa: E402
 

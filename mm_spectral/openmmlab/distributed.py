@@ -31,11 +31,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import frozen_apart_wrap_policy
-from ..distributed.process_exit import (  # report_crashes: for the entry points
-    finish_process_group,
-    leave_process,
-    report_crashes,  # noqa: F401
-)
+from ..distributed.process_exit import finish_process_group, leave_process
 
 BACKEND_ENV = "MM_SPECTRAL_DIST_BACKEND"
 
